@@ -1,0 +1,62 @@
+"""Raw timm models as transformers classifiers, so that Trainer gets a loss from ``labels``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, TimmWrapperConfig, TimmWrapperForImageClassification
+
+__all__ = ["is_timm_model", "wrap_timm_model"]
+
+
+def is_timm_model(model: Any) -> bool:
+    """True for a model built by ``timm.create_model`` (not already wrapped by transformers)."""
+    return (
+        isinstance(model, nn.Module)
+        and not isinstance(model, PreTrainedModel)
+        and type(model).__module__.startswith("timm.")
+        and isinstance(getattr(model, "pretrained_cfg", None), dict)
+    )
+
+
+def wrap_timm_model(
+    model: nn.Module,
+    *,
+    id2label: dict[int, str] | None = None,
+    model_args: dict[str, Any] | None = None,
+) -> TimmWrapperForImageClassification:
+    """Wrap a timm classifier in ``TimmWrapperForImageClassification``, keeping its weights.
+
+    The wrapper computes the cross-entropy loss from ``labels`` for Trainer, and saves in the
+    format that both ``AutoModelForImageClassification.from_pretrained`` and
+    ``timm.create_model("hf-hub:...")`` load. ``model_args`` are the extra ``timm.create_model``
+    keyword arguments (e.g. ``{"img_size": 160}``) needed to rebuild the architecture.
+
+    Example:
+        >>> import timm
+        >>> model = wrap_timm_model(timm.create_model("resnet18", num_classes=10))
+    """
+    if not is_timm_model(model):
+        raise TypeError(f"wrap_timm_model expects a model from timm.create_model, got {type(model).__name__}.")
+    num_classes = getattr(model, "num_classes", 0)
+    if not num_classes:
+        raise ValueError("The timm model has no classifier (num_classes=0): create it with num_classes=N.")
+    pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in ("num_classes",)}
+    architecture = pretrained_cfg.get("architecture") or type(model).__name__.lower()
+    if id2label is None:
+        id2label = {i: f"LABEL_{i}" for i in range(num_classes)}
+    config = TimmWrapperConfig(
+        architecture=architecture,
+        model_args=model_args,
+        pretrained_cfg=pretrained_cfg,
+        num_labels=num_classes,
+        id2label=id2label,
+        label2id={v: k for k, v in id2label.items()},
+    )
+    # Build the wrapper without allocating (or initialising) a second copy of the network.
+    with torch.device("meta"):
+        wrapper = TimmWrapperForImageClassification(config)
+    wrapper.timm_model = model
+    return wrapper

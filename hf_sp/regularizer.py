@@ -1,0 +1,275 @@
+"""Applies a starting-point penalty at optimizer-step time, with the anchor kept in the optimizer state.
+
+Why at step time: the penalty's gradient is added once per optimizer step, after the gradients
+of all accumulation micro-batches are summed, after DDP averaged them and after a gradient scaler
+unscaled them. So it is exact under gradient accumulation (whatever the model does with loss
+kwargs), is never multiplied by the world size, and sees the parameters exactly as the optimizer
+does (sharded DTensors under FSDP2, fp32 partitions under DeepSpeed).
+
+Why in the optimizer state: ``w0`` is captured once, from the pretrained weights, at the first
+step of a fresh run, and lives in ``optimizer.state[p]["sp_anchor"]``, sharded like ``p``. It is
+saved and restored with every checkpoint by the machinery that already handles optimizer state,
+so a resumed run keeps its original anchor and never re-anchors on fine-tuned weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from .penalties import get_penalty, get_penalty_info
+from .penalties.l2 import L2
+from .selection import ParamSplit, canonical_name
+
+logger = logging.getLogger(__name__)
+
+ANCHOR_KEY = "sp_anchor"
+FISHER_KEY = "sp_fisher"
+ROLE_KEY = "sp_role"
+NAMES_KEY = "sp_names"
+MODES = ("gradient", "decoupled")
+
+#: Elements per multi-tensor call: bounds the temporary ``w - w0`` buffers to 64 MiB of fp32.
+CHUNK_NUMEL = 1 << 24
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2), the tensor itself otherwise."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
+def _chunks(items: list, sizes: list[int], limit: int) -> Iterator[list]:
+    chunk, total = [], 0
+    for item, size in zip(items, sizes, strict=True):
+        if chunk and total + size > limit:
+            yield chunk
+            chunk, total = [], 0
+        chunk.append(item)
+        total += size
+    if chunk:
+        yield chunk
+
+
+class MissingAnchorError(RuntimeError):
+    """The optimizer state has no anchor where one is required (a resume from a foreign checkpoint)."""
+
+
+class SPRegularizer:
+    """Adds ``alpha * dOmega(w_S)/dw + beta * w_Sbar`` to the gradients (or steps toward w0) at each step.
+
+    Args:
+        penalty: registered penalty name (see :func:`hf_sp.list_penalties`), not ``"none"``.
+        alpha: strength toward ``w0`` on the anchored tensors.
+        beta: strength of the L2 toward zero on the new (head) tensors.
+        split: which parameters are anchored, new or free.
+        mode: ``"gradient"`` adds the penalty's exact gradient to the loss gradient (the paper,
+            any optimizer); ``"decoupled"`` moves the weights by ``-lr * alpha * dOmega/dw``
+            beside the optimizer's own update, as AdamW decouples weight decay.
+        fisher: diagonal Fisher per anchored parameter name, for ``l2_sp_fisher``.
+    """
+
+    def __init__(
+        self,
+        penalty: str,
+        alpha: float,
+        beta: float,
+        split: ParamSplit,
+        mode: str = "gradient",
+        fisher: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"sp_mode={mode!r} is not one of {MODES}.")
+        self.info = get_penalty_info(penalty)
+        self.penalty = get_penalty(penalty)
+        self.head_penalty = L2()
+        self.alpha, self.beta, self.mode, self.split = float(alpha), float(beta), mode, split
+        self.fisher = dict(fisher) if fisher is not None else None
+        if self.info.needs_fisher and self.fisher is None:
+            raise ValueError(f"sp_penalty={penalty!r} needs a Fisher diagonal; none was given.")
+        #: Set by the trainer: may the next step capture ``w0`` from the current weights?
+        self.capture_allowed = False
+        #: Called once the anchor is captured (the trainer marks the model as anchored).
+        self.on_capture: Callable[[], None] | None = None
+        self._pending: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+        self._records: list[torch.Tensor] = []
+        self._hooked: set[int] = set()
+
+    # ----------------------------------------------------------------------------------------
+    # Optimizer wiring
+    def prepare_optimizer(self, optimizer: torch.optim.Optimizer, named_params: Iterable[tuple[str, nn.Parameter]]):
+        """Split every param group by role (anchored / new / free) and hook the optimizer's step.
+
+        Call before the first step. Each resulting group keeps the original group's settings and
+        records its role and parameter names, which survive engines that rebuild the parameters.
+        """
+        if any(optimizer.state.values()):
+            raise RuntimeError("prepare_optimizer must be called before the optimizer's first step.")
+        names = {id(p): canonical_name(n) for n, p in named_params}
+        groups = []
+        for group in optimizer.param_groups:
+            by_role: dict[str, list] = {"anchored": [], "new": [], "free": []}
+            for p in group["params"]:
+                name = names.get(id(p))
+                by_role[self.split.role(name) if name else "free"].append(p)
+            for role, params in by_role.items():
+                if params:
+                    groups.append(
+                        {**group, "params": params, ROLE_KEY: role, NAMES_KEY: [names.get(id(p)) for p in params]}
+                    )
+        optimizer.param_groups = groups
+        if id(optimizer) not in self._hooked:
+            optimizer.register_step_pre_hook(self._pre_step)
+            optimizer.register_step_post_hook(self._post_step)
+            self._hooked.add(id(optimizer))
+
+    def missing_anchors(self, optimizer: torch.optim.Optimizer) -> list[str]:
+        """Names of anchored parameters whose optimizer state has no anchor."""
+        missing = []
+        for group in optimizer.param_groups:
+            if group.get(ROLE_KEY) == "anchored":
+                missing += [
+                    n or "?"
+                    for n, p in zip(group[NAMES_KEY], group["params"], strict=True)
+                    if ANCHOR_KEY not in optimizer.state[p]
+                ]
+        return missing
+
+    # ----------------------------------------------------------------------------------------
+    # The step
+    def _capture(self, name: str | None, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not self.capture_allowed:
+            raise MissingAnchorError(
+                f"Parameter {name!r} has no starting-point anchor in the optimizer state. This happens when "
+                "resuming from a checkpoint that was not written by SPTrainer, or when train() is called again on a "
+                "model that was already fine-tuned. Resume from a checkpoint written by SPTrainer, or start from "
+                "the pretrained model."
+            )
+        entry = {ANCHOR_KEY: p.detach().to(torch.float32, copy=True)}
+        if self.info.needs_fisher:
+            entry[FISHER_KEY] = self._fisher_for(name, p)
+        self._pending[p] = entry
+        return entry
+
+    def _fisher_for(self, name: str | None, p: torch.Tensor) -> torch.Tensor:
+        fisher = self.fisher.get(name) if (self.fisher is not None and name is not None) else None
+        if fisher is None:
+            raise ValueError(
+                f"The Fisher diagonal has no entry for anchored parameter {name!r}. Estimate it on this model "
+                "(hf_sp.estimate_fisher) or check sp_head_modules / sp_include."
+            )
+        if tuple(fisher.shape) != tuple(p.shape):
+            raise ValueError(
+                f"Fisher entry {name!r} has shape {tuple(fisher.shape)}, the parameter {tuple(p.shape)}: it was "
+                "estimated for another model. Re-estimate it with hf_sp.estimate_fisher on this model."
+            )
+        fisher = fisher.to(device=_local(p).device, dtype=torch.float32)
+        if hasattr(p, "device_mesh"):
+            from torch.distributed.tensor import distribute_tensor
+
+            fisher = distribute_tensor(fisher, p.device_mesh, p.placements)
+        return fisher
+
+    def _state(self, optimizer, name, p) -> dict[str, torch.Tensor]:
+        state = optimizer.state.get(p, {})
+        if ANCHOR_KEY in state:
+            return state
+        return self._pending.get(p) or self._capture(name, p)
+
+    @torch.no_grad()
+    def _pre_step(self, optimizer, args, kwargs) -> None:
+        sums: tuple[list, list, list] = ([], [], [])  # alpha-free body value, head value, ||w - w0||^2
+        for group in optimizer.param_groups:
+            role = group.get(ROLE_KEY)
+            strength = {"anchored": self.alpha, "new": self.beta}.get(role, 0.0)
+            if role == "free" or role is None or (role == "new" and strength == 0.0):
+                continue
+            names = group.get(NAMES_KEY) or []
+            if len(names) != len(group["params"]):
+                raise RuntimeError(
+                    "The optimizer's parameter groups were rebuilt by the training engine; hf_sp cannot tell which "
+                    "tensor is which. Use an elementwise penalty (l2, l2_sp, l1_sp) with this engine."
+                )
+            items = [(n, p) for n, p in zip(names, group["params"], strict=True) if p.grad is not None]
+            if role == "anchored" and not self.info.elementwise:
+                self._check_structure(items)
+            scale = -float(group["lr"]) * strength if self.mode == "decoupled" else strength
+            sizes = [_local(p).numel() for _, p in items]
+            for chunk in _chunks(items, sizes, CHUNK_NUMEL):
+                w = [_local(p) for _, p in chunk]
+                out = w if self.mode == "decoupled" else [_local(p.grad) for _, p in chunk]
+                if role == "anchored":
+                    states = [self._state(optimizer, n, p) for n, p in chunk]
+                    w0 = [_local(s[ANCHOR_KEY]) for s in states]
+                    fisher = [_local(s[FISHER_KEY]) for s in states] if self.info.needs_fisher else None
+                    value, dsq = self._accumulate(self.penalty, w, w0, fisher, out, scale)
+                    sums[0].append(value)
+                    sums[2].append(dsq)
+                else:
+                    sums[1].append(self._accumulate(self.head_penalty, w, None, None, out, scale)[0])
+        if any(sums):
+            device = next(v.device for s in sums for v in s)
+            self._records.append(
+                torch.stack([torch.stack(s).sum() if s else torch.zeros((), device=device) for s in sums])
+            )
+
+    def _check_structure(self, items) -> None:
+        for name, p in items:
+            if name not in self.split.shapes or _local(p).dim() != len(self.split.shapes[name]):
+                raise RuntimeError(
+                    f"sp_penalty={self.info.name!r} needs whole output channels, but the training engine flattened "
+                    f"{name!r}. Use FSDP2 (fsdp_version: 2) or an elementwise penalty (l2_sp, l1_sp)."
+                )
+
+    @staticmethod
+    def _accumulate(penalty, w, w0, fisher, out, scale):
+        """Run ``penalty`` in fp32, casting (and casting back) tensors of other dtypes."""
+        if all(t.dtype == torch.float32 for t in [*w, *out]):
+            return penalty.accumulate(w, w0, fisher, out, scale)
+        w32 = [t.float() for t in w]
+        out32 = [torch.zeros_like(t) for t in w32]
+        result = penalty.accumulate(w32, w0, fisher, out32, scale)
+        torch._foreach_add_(out, [t.to(o.dtype) for t, o in zip(out32, out, strict=True)])
+        return result
+
+    def _post_step(self, optimizer, args, kwargs) -> None:
+        if self._pending:
+            for p, entry in self._pending.items():
+                optimizer.state[p].update(entry)
+            self._pending.clear()
+            self.capture_allowed = False
+            # The Fisher now lives in the optimizer state, sharded like the parameters.
+            self.fisher = None
+            if self.on_capture is not None:
+                self.on_capture()
+
+    # ----------------------------------------------------------------------------------------
+    # Logging
+    def check_finite(self) -> None:
+        """Raise ``FloatingPointError`` if any penalty value since the last log is NaN or infinite."""
+        if self._records and not bool(torch.isfinite(torch.stack(self._records)).all()):
+            raise FloatingPointError(
+                f"The {self.info.name} penalty became non-finite during training (the weights diverged). Training "
+                "was stopped; checkpoints already written are kept. Lower the learning rate or sp_alpha/sp_beta."
+            )
+
+    def pop_metrics(self, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+        """Window averages since the last call: ``sp_body`` (alpha * Omega), ``sp_head`` (beta/2 * ||w_Sbar||^2)
+        and ``sp_dist`` (||w_S - w0_S||). ``all_reduce`` sums shard-local values across ranks (sharded engines).
+        """
+        if not self._records:
+            return {}
+        self.check_finite()
+        records = torch.stack(self._records)
+        self._records.clear()
+        if all_reduce is not None:
+            records = all_reduce(records)
+        records = records.double()
+        return {
+            "sp_body": self.alpha * float(records[:, 0].mean()),
+            "sp_head": self.beta * float(records[:, 1].mean()),
+            "sp_dist": float(records[:, 2].sqrt().mean()),
+        }

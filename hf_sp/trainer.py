@@ -1,0 +1,191 @@
+"""``SPTrainer``: ``transformers.Trainer`` with starting-point regularization."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers import Trainer
+
+from .config import SPConfig
+from .fisher import check_fisher, estimate_fisher, load_fisher
+from .models import is_timm_model, wrap_timm_model
+from .penalties import get_penalty_info
+from .regularizer import MissingAnchorError, SPRegularizer
+from .selection import ParamSplit, split_parameters
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SPTrainer"]
+
+#: Set on a model once its anchor was captured, so that a later fresh start cannot re-anchor on fine-tuned weights.
+ANCHORED_ATTR = "_hf_sp_anchored"
+
+
+class SPTrainer(Trainer):
+    """A drop-in ``Trainer`` that regularizes toward the pretrained weights (Li et al., ICML 2018).
+
+    Swap ``Trainer`` for ``SPTrainer`` and ``TrainingArguments`` for :class:`SPConfig`; nothing
+    else changes. ``model`` may be any transformers image classifier or a raw timm model (wrapped
+    in ``TimmWrapperForImageClassification`` so that Trainer gets a loss from ``labels``).
+
+    Example:
+        >>> args = SPConfig(output_dir="out", sp_penalty="l2_sp", sp_alpha=0.1, sp_beta=0.01)
+        >>> trainer = SPTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds)
+        >>> trainer.train()
+
+    The anchor ``w0`` is taken once, in fp32, from the weights the model has when training first
+    starts, and is kept in the optimizer state (so it is checkpointed and restored with it). The
+    penalty's gradient is added at each optimizer step; ``sp_body``, ``sp_head`` and ``sp_dist``
+    are logged next to ``loss``.
+    """
+
+    args: SPConfig
+
+    def __init__(self, model: nn.Module | None = None, args: SPConfig | None = None, *pos: Any, **kwargs: Any):
+        if args is None:
+            raise ValueError("SPTrainer needs args=SPConfig(output_dir=..., sp_penalty=..., ...).")
+        if not isinstance(args, SPConfig):
+            raise TypeError(
+                f"SPTrainer needs args to be an SPConfig (or SPTrainingArguments), got {type(args).__name__}. "
+                "Replace TrainingArguments(...) with SPConfig(...): it takes the same arguments plus sp_*."
+            )
+        if is_timm_model(model):
+            model = wrap_timm_model(model)
+        self.sp_regularizer: SPRegularizer | None = None
+        self._sp_resuming = False
+        super().__init__(model, args, *pos, **kwargs)
+        if self.model_init is None:
+            self._sp_setup(self.model)
+
+    # ----------------------------------------------------------------------------------------
+    # Setup: one regularizer per model (a new one for each hyperparameter-search trial)
+    def _sp_setup(self, model: nn.Module) -> None:
+        args = self.args
+        if args.sp_penalty == "none":
+            self.sp_regularizer = None
+            return
+        info = get_penalty_info(args.sp_penalty)
+        split: ParamSplit = split_parameters(model, include=args.sp_include, head_modules=args.sp_head_modules)
+        if not split.anchored:
+            raise ValueError(
+                f"Nothing left to anchor: no trainable pretrained tensor is penalized (sp_include={args.sp_include!r}, "
+                f"head modules {split.head_modules}). Unfreeze the body, use sp_include='all', or check "
+                "sp_head_modules."
+            )
+        fisher = None
+        if info.needs_fisher and args.sp_fisher_path is not None:
+            fisher = load_fisher(args.sp_fisher_path)
+            check_fisher(fisher, model, names=split.anchored)
+        self.sp_regularizer = SPRegularizer(
+            args.sp_penalty,
+            args.sp_alpha,
+            args.sp_beta,
+            split,
+            mode=args.sp_mode,
+            fisher=fisher if fisher is not None else ({} if info.needs_fisher else None),
+        )
+        self.sp_regularizer.capture_allowed = not self._sp_resuming and not getattr(model, ANCHORED_ATTR, False)
+        self.sp_regularizer.on_capture = lambda: setattr(model, ANCHORED_ATTR, True)
+
+    def call_model_init(self, trial=None) -> nn.Module:
+        model = super().call_model_init(trial)
+        if is_timm_model(model):
+            model = wrap_timm_model(model)
+        if hasattr(self, "sp_regularizer"):  # not during Trainer.__init__; train() sets it up per trial
+            self._sp_setup(model)
+        return model
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs: Any):
+        self._sp_resuming = bool(resume_from_checkpoint)
+        if self.sp_regularizer is not None and self.model_init is None:
+            self.sp_regularizer.capture_allowed = not self._sp_resuming and not getattr(
+                self.model, ANCHORED_ATTR, False
+            )
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+
+    # ----------------------------------------------------------------------------------------
+    # Optimizer: split groups by role and hook the step
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        reg = self.sp_regularizer
+        if reg is None:
+            return optimizer
+        raw = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer on a second train()
+        if id(raw) in reg._hooked:
+            return optimizer
+        if reg.info.needs_fisher and not reg.fisher and reg.capture_allowed:
+            reg.fisher = self._sp_estimate_fisher(reg.split)
+        opt_model = model if model is not None else self.model
+        reg.prepare_optimizer(raw, opt_model.named_parameters())
+        logger.info(
+            "hf_sp: %s (alpha=%g, beta=%g, %s mode). %s",
+            reg.info.name,
+            reg.alpha,
+            reg.beta,
+            reg.mode,
+            reg.split.summary(),
+        )
+        return optimizer
+
+    def _sp_estimate_fisher(self, split: ParamSplit) -> dict[str, torch.Tensor]:
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            raise ValueError(
+                "sp_fisher_batches cannot estimate the Fisher on a sharded model. Estimate it beforehand with "
+                "hf_sp.estimate_fisher, save it with hf_sp.save_fisher, and pass sp_fisher_path."
+            )
+        if self.train_dataset is None:
+            raise ValueError("sp_fisher_batches needs a train_dataset to estimate the Fisher on.")
+        dataset = self.train_dataset
+        if hasattr(dataset, "column_names"):
+            dataset = self._remove_unused_columns(dataset, description="Fisher estimation")
+        # Same batches on every rank, so that every process holds the same Fisher.
+        loader = DataLoader(
+            dataset,
+            batch_size=self.args.per_device_train_batch_size,
+            collate_fn=self.data_collator,
+            shuffle=False,
+        )
+        fisher = estimate_fisher(
+            self.model,
+            loader,
+            max_batches=self.args.sp_fisher_batches,
+            top_k=self.args.sp_fisher_top_k,
+            param_names=split.anchored,
+            progress=not self.args.disable_tqdm,
+        )
+        return fisher
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        reg = self.sp_regularizer
+        if reg is None or checkpoint is None or self.is_deepspeed_enabled or self.optimizer is None:
+            return
+        missing = reg.missing_anchors(getattr(self.optimizer, "optimizer", self.optimizer))
+        if missing:
+            raise MissingAnchorError(
+                f"resume_from_checkpoint={checkpoint!r} holds no starting-point anchor (first missing: "
+                f"{missing[0]!r}, {len(missing)} in all): it was not written by SPTrainer with a penalty. Resuming "
+                "would re-anchor on fine-tuned weights. Resume from an SPTrainer checkpoint, or start again from "
+                "the pretrained model without resume_from_checkpoint."
+            )
+
+    # ----------------------------------------------------------------------------------------
+    # Logging and checkpoints
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if self.sp_regularizer is not None and "loss" in logs:
+            sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
+            logs.update(
+                self.sp_regularizer.pop_metrics(
+                    (lambda t: self.accelerator.reduce(t, reduction="sum")) if sharded else None
+                )
+            )
+        super().log(logs, *args, **kwargs)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        if self.sp_regularizer is not None:
+            self.sp_regularizer.check_finite()
+        super()._save_checkpoint(model, trial)

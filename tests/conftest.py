@@ -1,0 +1,75 @@
+"""Small hand-built models and data sets: no downloads, a few seconds each."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import timm
+import torch
+from torch.utils.data import Dataset
+from transformers import ViTConfig, ViTForImageClassification
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+NUM_CLASSES = 3
+IMAGE_SIZE = 16
+
+
+class RandomImages(Dataset):
+    """Fixed random images with labels that depend on them (so that training learns something)."""
+
+    def __init__(self, n: int = 16, seed: int = 0, size: int = IMAGE_SIZE, num_classes: int = NUM_CLASSES):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 3, size, size, generator=g)
+        self.y = (self.x.mean(dim=(1, 2, 3)) * 50).long().remainder(num_classes)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.x[i], "labels": self.y[i]}
+
+
+def tiny_vit(seed: int = 0, num_labels: int = NUM_CLASSES) -> ViTForImageClassification:
+    """A transformers ViT (takes loss kwargs), no dropout, so that runs are comparable."""
+    torch.manual_seed(seed)
+    config = ViTConfig(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=24,
+        image_size=IMAGE_SIZE,
+        patch_size=8,
+        num_labels=num_labels,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return ViTForImageClassification(config)
+
+
+def tiny_timm_vit(seed: int = 0, num_classes: int = NUM_CLASSES) -> torch.nn.Module:
+    """A raw timm ViT (no BatchNorm, no loss kwargs once wrapped)."""
+    torch.manual_seed(seed)
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=num_classes,
+        img_size=IMAGE_SIZE,
+        patch_size=8,
+        embed_dim=16,
+        depth=1,
+        num_heads=2,
+    )
+
+
+def tiny_timm_cnn(seed: int = 0, num_classes: int = NUM_CLASSES) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model("test_resnet", pretrained=False, num_classes=num_classes)
+
+
+@pytest.fixture
+def data() -> RandomImages:
+    return RandomImages()

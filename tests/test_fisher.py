@@ -1,0 +1,362 @@
+"""Tests for hf_sp.fisher: diagonal (true) Fisher at w0, its estimators, and safetensors I/O."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from hf_sp.fisher import check_fisher, estimate_fisher, load_fisher, save_fisher
+
+NUM_CLASSES = 5
+
+
+def _tiny_model(num_classes: int = NUM_CLASSES, seed: int = 0) -> nn.Sequential:
+    """Conv -> BatchNorm -> ReLU -> flatten -> Linear, float64, with non-trivial BatchNorm running stats."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, kernel_size=3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, num_classes),
+    ).double()
+    bn = model[1]
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.2, 0.2)
+    return model
+
+
+def _inputs(n: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+def _reference_fisher(model: nn.Module, x: torch.Tensor, slots) -> dict[str, torch.Tensor]:
+    """Straightforward per-sample, per-class loop: 1/m sum_i sum_(k, w) in slots(p_i) w * (d log f_k(x_i) / dw)^2."""
+    was_training = model.training
+    model.eval()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    ref = {n: torch.zeros_like(p) for n, p in named}
+    for i in range(x.shape[0]):
+        log_probs = torch.log_softmax(model(x[i : i + 1]), dim=-1)[0]
+        for k, weight in slots(i, log_probs.detach().exp()):
+            grads = torch.autograd.grad(log_probs[k], [p for _, p in named], retain_graph=True)
+            for (n, _), g in zip(named, grads, strict=True):
+                ref[n] += weight * g**2
+    model.train(was_training)
+    return {n: r / x.shape[0] for n, r in ref.items()}
+
+
+def _exact_slots(i: int, probs: torch.Tensor):
+    return [(k, probs[k]) for k in range(probs.shape[0])]
+
+
+def _assert_close(fisher: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], rtol: float = 1e-10) -> None:
+    assert list(fisher) == list(ref)
+    for name in ref:
+        assert fisher[name].shape == ref[name].shape, name
+        torch.testing.assert_close(fisher[name], ref[name], rtol=rtol, atol=1e-15, msg=name)
+
+
+# --------------------------------------------------------------------------------------------- exact Fisher
+
+
+def test_exact_fisher_matches_reference_and_leaves_model_untouched():
+    model = _tiny_model()
+    model.train()
+    x = _inputs(7)
+    params_before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    buffers_before = {n: b.detach().clone() for n, b in model.named_buffers()}
+    # uneven (x, y) batches; labels must be ignored
+    loader = [(x[:4], torch.zeros(4, dtype=torch.long)), (x[4:], torch.ones(3, dtype=torch.long))]
+
+    fisher = estimate_fisher(model, loader, progress=False, dtype=torch.float64)
+
+    # eval mode restored to train, nothing modified (BatchNorm running stats included)
+    assert model.training and all(m.training for m in model.modules())
+    for n, p in model.named_parameters():
+        assert p.requires_grad and p.grad is None
+        assert torch.equal(p, params_before[n]), n
+    for n, b in model.named_buffers():
+        assert torch.equal(b, buffers_before[n]), n
+
+    ref = _reference_fisher(model, x, _exact_slots)  # reference runs in eval mode (running stats)
+    _assert_close(fisher, ref)
+    assert all(f.device.type == "cpu" and f.dtype == torch.float64 for f in fisher.values())
+
+    # in train mode (batch statistics) the result would differ: the estimate really used eval mode
+    model.train()
+    batch_stats_logits = model(x[:4])
+    model.eval()
+    assert not torch.allclose(batch_stats_logits, model(x[:4]))
+
+
+def test_chunking_batch_formats_and_max_batches():
+    model = _tiny_model()
+    model.eval()
+    x = _inputs(6)
+    ref = _reference_fisher(model, x, _exact_slots)
+    as_dicts = [{"pixel_values": x[:3], "labels": torch.zeros(3)}, {"pixel_values": x[3:], "labels": torch.zeros(3)}]
+    _assert_close(estimate_fisher(model, as_dicts, chunk_size=2, progress=False, dtype=torch.float64), ref)
+    _assert_close(estimate_fisher(model, [x[:3], x[3:]], chunk_size=1, progress=False, dtype=torch.float64), ref)
+    assert not model.training  # eval mode restored as eval
+
+    ref_first = _reference_fisher(model, x[:2], _exact_slots)
+    loader = [[x[:2], torch.zeros(2)], [x[2:], torch.zeros(4)]]
+    _assert_close(estimate_fisher(model, iter(loader), max_batches=1, progress=True, dtype=torch.float64), ref_first)
+
+
+def test_default_dtype_is_float32_on_cpu():
+    model = _tiny_model()
+    fisher = estimate_fisher(model, [_inputs(3)], progress=False)
+    ref = _reference_fisher(model, _inputs(3), _exact_slots)
+    for n, f in fisher.items():
+        assert f.dtype == torch.float32 and f.device.type == "cpu"
+        torch.testing.assert_close(f, ref[n].float(), rtol=1e-5, atol=1e-12)
+
+
+def test_param_selection():
+    model = _tiny_model()
+    model[0].bias.requires_grad_(False)
+    x = _inputs(4)
+    fisher = estimate_fisher(model, [x], progress=False, dtype=torch.float64)
+    expected = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert list(fisher) == expected and "0.bias" not in fisher
+    ref = _reference_fisher(model, x, _exact_slots)  # frozen bias is a constant there too
+    _assert_close(fisher, ref)
+    assert not model[0].bias.requires_grad
+
+    only = estimate_fisher(model, [x], param_names=["4.weight", "0.bias"], progress=False, dtype=torch.float64)
+    assert list(only) == ["4.weight", "0.bias"]
+    torch.testing.assert_close(only["4.weight"], ref["4.weight"], rtol=1e-10, atol=1e-15)
+    assert not model[0].bias.requires_grad
+
+    with pytest.raises(ValueError, match=r"'nope\.weight'"):
+        estimate_fisher(model, [x], param_names=["4.weight", "nope.weight", "also.bad"], progress=False)
+
+
+# --------------------------------------------------------------------------------------------- approximations
+
+
+def test_top_k_matches_renormalized_reference():
+    model = _tiny_model()
+    x = _inputs(5)
+    k = 2
+
+    def top_slots(i, probs):
+        top_p, top_idx = probs.topk(k)
+        return list(zip(top_idx.tolist(), top_p / top_p.sum(), strict=True))
+
+    fisher = estimate_fisher(model, [x[:2], x[2:]], top_k=k, progress=False, dtype=torch.float64)
+    _assert_close(fisher, _reference_fisher(model, x, top_slots))
+    # top_k >= number of classes is the exact Fisher
+    exact = _reference_fisher(model, x, _exact_slots)
+    _assert_close(estimate_fisher(model, [x], top_k=NUM_CLASSES + 3, progress=False, dtype=torch.float64), exact)
+
+
+def test_sampled_labels_match_reference_with_same_draws():
+    model = _tiny_model()
+    x = _inputs(5)
+    s = 3
+    fisher = estimate_fisher(
+        model,
+        [x],
+        num_label_samples=s,
+        generator=torch.Generator().manual_seed(123),
+        progress=False,
+        dtype=torch.float64,
+    )
+    model.eval()
+    with torch.no_grad():
+        probs = torch.softmax(model(x), dim=-1)
+    labels = torch.multinomial(probs, s, replacement=True, generator=torch.Generator().manual_seed(123))
+    ref = _reference_fisher(model, x, lambda i, p: [(int(y), 1.0 / s) for y in labels[i]])
+    _assert_close(fisher, ref)
+
+
+def test_sampled_labels_converge_to_exact():
+    model = _tiny_model(num_classes=3)
+    x = _inputs(4)
+    exact = estimate_fisher(model, [x], progress=False, dtype=torch.float64)
+    sampled = estimate_fisher(
+        model,
+        [x],
+        num_label_samples=400,
+        generator=torch.Generator().manual_seed(0),
+        progress=False,
+        dtype=torch.float64,
+    )
+    again = estimate_fisher(
+        model,
+        [x],
+        num_label_samples=400,
+        generator=torch.Generator().manual_seed(0),
+        progress=False,
+        dtype=torch.float64,
+    )
+    for name in exact:
+        assert torch.equal(sampled[name], again[name])  # deterministic given the generator
+        rel = (sampled[name].sum() - exact[name].sum()).abs() / exact[name].sum()
+        assert rel < 0.1, (name, rel.item())
+
+
+# --------------------------------------------------------------------------------------------- real models
+
+
+def _check_structure(fisher: dict[str, torch.Tensor], model: nn.Module) -> None:
+    params = dict(model.named_parameters())
+    assert list(fisher) == list(params)
+    for name, f in fisher.items():
+        assert f.shape == params[name].shape, name
+        assert f.dtype == torch.float32 and f.device.type == "cpu"
+        assert torch.isfinite(f).all() and (f >= 0).all(), name
+    assert sum(f.sum() for f in fisher.values()) > 0
+    check_fisher(fisher, model)
+
+
+def test_timm_model():
+    timm = pytest.importorskip("timm")
+    name = "test_resnet" if "test_resnet" in timm.list_models("test_*") else "resnet10t"
+    model = timm.create_model(name, pretrained=False, num_classes=4)
+    model.train()
+    buffers_before = {n: b.detach().clone() for n, b in model.named_buffers()}
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    fisher = estimate_fisher(model, [(x, torch.zeros(3, dtype=torch.long))], chunk_size=2, progress=False)
+    _check_structure(fisher, model)
+    assert model.training
+    for n, b in model.named_buffers():
+        assert torch.equal(b, buffers_before[n]), n
+    top = estimate_fisher(model, [x], top_k=2, progress=False)
+    _check_structure(top, model)
+
+
+def test_transformers_vit_dict_batches_matches_reference():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=37,
+        image_size=16,
+        patch_size=8,
+        num_labels=3,
+    )
+    torch.manual_seed(0)
+    model = transformers.ViTForImageClassification(config)
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    loader = [{"pixel_values": x[:2], "labels": torch.zeros(2, dtype=torch.long)}, {"pixel_values": x[2:]}]
+    fisher = estimate_fisher(model, loader, progress=False)
+    _check_structure(fisher, model)
+
+    # ModelOutput path + attention under vmap, checked against the loop reference in float64
+    model = model.double()
+
+    class Logits(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            return self.inner(pixel_values=pixel_values).logits
+
+    fisher64 = estimate_fisher(model, loader, progress=False, dtype=torch.float64)
+    ref = _reference_fisher(Logits(model), x.double(), _exact_slots)
+    _assert_close(fisher64, {n.removeprefix("inner."): r for n, r in ref.items()}, rtol=1e-9)
+
+
+# --------------------------------------------------------------------------------------------- save / load / check
+
+
+def test_save_load_round_trip(tmp_path):
+    model = _tiny_model()
+    fisher = estimate_fisher(model, [_inputs(3)], progress=False)
+    path = tmp_path / "sub" / "fisher.safetensors"
+    save_fisher(fisher, path, metadata={"source": "tiny", "num_samples": "3"})
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["format"] == "hf_sp.fisher" and meta["source"] == "tiny" and meta["num_samples"] == "3"
+
+    loaded = load_fisher(path, model)
+    assert list(loaded) == list(fisher)  # the model's parameter order
+    for name in fisher:
+        assert loaded[name].dtype == torch.float32 and loaded[name].is_contiguous()
+        assert torch.equal(loaded[name], fisher[name])
+    assert sorted(load_fisher(path)) == sorted(fisher)  # without a model: safetensors (sorted) order
+    subset = load_fisher(path, model, names=["4.weight"])
+    assert list(subset) == ["4.weight"]
+
+    # float64 / non-contiguous inputs are stored as contiguous fp32
+    save_fisher({"4.weight": fisher["4.weight"].double().t().contiguous().t()}, tmp_path / "nc.safetensors")
+    assert torch.equal(load_fisher(tmp_path / "nc.safetensors")["4.weight"], fisher["4.weight"])
+
+
+def test_load_rejects_mismatched_model(tmp_path):
+    model = _tiny_model()
+    fisher = estimate_fisher(model, [_inputs(2)], progress=False)
+    path = tmp_path / "fisher.safetensors"
+    save_fisher(fisher, path)
+
+    other = _tiny_model(num_classes=NUM_CLASSES + 1)  # 4.weight is the first tensor with a different shape
+    with pytest.raises(ValueError, match=r"'4\.weight'.*\(5, 64\).*\(6, 64\).*estimate_fisher"):
+        load_fisher(path, other)
+
+    partial = {n: f for n, f in fisher.items() if n != "1.bias"}
+    save_fisher(partial, tmp_path / "partial.safetensors")
+    names = [n for n, _ in model.named_parameters()]
+    with pytest.raises(ValueError, match=r"'1\.bias' is missing"):
+        load_fisher(tmp_path / "partial.safetensors", model, names=names)
+    with pytest.raises(ValueError, match=r"'1\.bias' is missing"):
+        load_fisher(tmp_path / "partial.safetensors", names=names)
+
+    with pytest.raises(ValueError, match=r"'extra\.weight' is not a parameter"):
+        check_fisher({**fisher, "extra.weight": torch.zeros(2)}, model)
+
+
+def test_check_rejects_bad_values():
+    model = _tiny_model()
+    fisher = {n: torch.ones_like(p, dtype=torch.float32) for n, p in model.named_parameters()}
+    check_fisher(fisher, model)
+    bad = dict(fisher)
+    bad["1.weight"] = torch.tensor([1.0, -1.0, 0.0, 2.0])
+    with pytest.raises(ValueError, match=r"'1\.weight'.*negative"):
+        check_fisher(bad, model)
+    bad["1.weight"] = torch.tensor([1.0, float("nan"), 0.0, 2.0])
+    with pytest.raises(ValueError, match=r"'1\.weight'.*NaN"):
+        check_fisher(bad, model)
+    bad["1.weight"] = torch.tensor([1.0, float("inf"), 0.0, 2.0])
+    with pytest.raises(ValueError, match=r"'1\.weight'.*infinite"):
+        check_fisher(bad, model)
+
+
+# --------------------------------------------------------------------------------------------- argument validation
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        ({"top_k": 0}, "top_k"),
+        ({"top_k": 1.5}, "top_k"),
+        ({"num_label_samples": -1}, "num_label_samples"),
+        ({"max_batches": 0}, "max_batches"),
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"top_k": 2, "num_label_samples": 3}, r"top_k.*num_label_samples.*mutually exclusive"),
+    ],
+)
+def test_bad_arguments(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        estimate_fisher(_tiny_model(), [_inputs(2)], progress=False, **kwargs)
+
+
+def test_empty_dataloader_and_bad_batches():
+    model = _tiny_model()
+    model.train()
+    with pytest.raises(ValueError, match="no samples"):
+        estimate_fisher(model, [], progress=False)
+    assert model.training
+    with pytest.raises(ValueError, match="pixel_values"):
+        estimate_fisher(model, [{"image": _inputs(2)}], progress=False)
+    assert model.training  # mode restored after an error, too

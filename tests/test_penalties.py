@@ -1,0 +1,115 @@
+"""Every penalty's value and gradient against its formula (../shared/PAPER.md), in float64."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hf_sp import get_penalty, get_penalty_info, list_penalties, register_penalty
+from hf_sp.penalties import group_lasso_sp
+
+
+def _formula(name: str, w: list[torch.Tensor], w0: list[torch.Tensor], fisher: list[torch.Tensor]) -> torch.Tensor:
+    """Omega(w) written out from the paper's table, one term per tensor, no multi-tensor tricks."""
+    total = torch.zeros((), dtype=torch.float64)
+    for wi, w0i, fi in zip(w, w0, fisher, strict=True):
+        d = wi - w0i
+        if name == "l2":
+            total = total + 0.5 * (wi**2).sum()
+        elif name == "l2_sp":
+            total = total + 0.5 * (d**2).sum()
+        elif name == "l1_sp":
+            total = total + d.abs().sum()
+        elif name == "l2_sp_fisher":
+            total = total + 0.5 * (fi * d**2).sum()
+        elif name == "group_lasso_sp":
+            rows = d.reshape(d.shape[0], -1)
+            p_g = rows.shape[1]
+            total = total + (math.sqrt(p_g) * torch.sqrt((rows**2).sum(dim=1) + group_lasso_sp.EPS)).sum()
+        else:
+            raise AssertionError(name)
+    return total
+
+
+def _tensors(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(8, 3, 3, 3), (5, 8), (7,), (4, 2, 1, 1)]
+    w = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    w0 = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    fisher = [torch.rand(s, generator=g, dtype=torch.float64) for s in shapes]
+    return w, w0, fisher
+
+
+PENALTIES = [name for name in list_penalties() if name != "none"]
+
+
+def test_registry_lists_the_paper_penalties():
+    assert set(PENALTIES) == {"l2", "l2_sp", "l1_sp", "group_lasso_sp", "l2_sp_fisher"}
+    assert list_penalties()[0] == "none"
+    for name in PENALTIES:
+        info = get_penalty_info(name)
+        assert info.formula and info.description and info.name == name
+        assert "ICML 2018" in (info.cls.__doc__ or "")
+
+
+@pytest.mark.parametrize("name", PENALTIES)
+@pytest.mark.parametrize("scale", [1.0, 0.37])
+def test_value_and_gradient_match_formula(name, scale):
+    w, w0, fisher = _tensors()
+    leaves = [t.clone().requires_grad_(True) for t in w]
+    expected = _formula(name, leaves, w0, fisher)
+    expected_grads = torch.autograd.grad(expected, leaves)
+
+    out = [torch.full_like(t, 0.5) for t in w]  # the penalty's gradient is added, not assigned
+    value, dist_sq = get_penalty(name).accumulate(w, w0, fisher, out, scale)
+    torch.testing.assert_close(value, expected.detach(), rtol=1e-12, atol=1e-12)
+    for o, g in zip(out, expected_grads, strict=True):
+        torch.testing.assert_close(o, 0.5 + scale * g, rtol=1e-12, atol=1e-12)
+    expected_dist = sum(((a - b) ** 2).sum() for a, b in zip(w, w0, strict=True))
+    torch.testing.assert_close(dist_sq, expected_dist, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("name", PENALTIES)
+def test_decoupled_step_is_w_minus_lr_times_gradient(name):
+    """With out=w and scale=-lr, the penalty moves w by -lr * dOmega/dw computed at the old w."""
+    w, w0, fisher = _tensors(1)
+    leaves = [t.clone().requires_grad_(True) for t in w]
+    grads = torch.autograd.grad(_formula(name, leaves, w0, fisher), leaves)
+    expected = [t - 0.1 * g for t, g in zip(w, grads, strict=True)]
+    get_penalty(name).accumulate(w, w0, fisher, w, -0.1)
+    for a, b in zip(w, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["l2_sp", "l1_sp", "group_lasso_sp", "l2_sp_fisher"])
+def test_zero_at_the_starting_point(name):
+    _, w0, fisher = _tensors(2)
+    out = [torch.zeros_like(t) for t in w0]
+    value, dist_sq = get_penalty(name).accumulate([t.clone() for t in w0], w0, fisher, out, 1.0)
+    assert float(dist_sq) == 0.0
+    assert float(value) < 1e-4  # group lasso: sqrt(p_g * eps) per group
+    assert all(float(o.abs().max()) == 0.0 for o in out)
+
+
+def test_group_lasso_groups_are_output_channels():
+    """Only one output channel moved: only that channel's group is non-zero, with weight sqrt(c_in*kh*kw)."""
+    w0 = [torch.zeros(4, 3, 2, 2, dtype=torch.float64)]
+    w = [w0[0].clone()]
+    w[0][2] = 1.0  # ||w_g - w0_g|| = sqrt(12) for group 2
+    out = [torch.zeros_like(w[0])]
+    value, _ = get_penalty("group_lasso_sp").accumulate(w, w0, None, out, 1.0)
+    assert float(value) == pytest.approx(math.sqrt(12) * math.sqrt(12), abs=1e-4)
+    torch.testing.assert_close(out[0][2], torch.full((3, 2, 2), 1.0, dtype=torch.float64))
+    assert float(out[0][[0, 1, 3]].abs().max()) == 0.0
+
+
+def test_unknown_penalty_lists_known_ones():
+    with pytest.raises(ValueError, match=r"Unknown penalty 'l3_sp'.*l2_sp"):
+        get_penalty("l3_sp")
+
+
+def test_registering_a_name_twice_is_refused():
+    with pytest.raises(ValueError, match="already registered"):
+        register_penalty("l2_sp", formula="", description="")(type("X", (), {}))
