@@ -42,6 +42,11 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return to_local() if to_local is not None else t
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half-precision parameters (the anchor and penalty never go below fp32), else their own."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _chunks(items: list, sizes: list[int], limit: int) -> Iterator[list]:
     chunk, total = [], 0
     for item, size in zip(items, sizes, strict=True):
@@ -148,7 +153,7 @@ class SPRegularizer:
                 "model that was already fine-tuned. Resume from a checkpoint written by SPTrainer, or start from "
                 "the pretrained model."
             )
-        entry = {ANCHOR_KEY: p.detach().to(torch.float32, copy=True)}
+        entry = {ANCHOR_KEY: p.detach().to(_compute_dtype(p.dtype), copy=True)}
         if self.info.needs_fisher:
             entry[FISHER_KEY] = self._fisher_for(name, p)
         self._pending[p] = entry
@@ -166,7 +171,7 @@ class SPRegularizer:
                 f"Fisher entry {name!r} has shape {tuple(fisher.shape)}, the parameter {tuple(p.shape)}: it was "
                 "estimated for another model. Re-estimate it with hf_sp.estimate_fisher on this model."
             )
-        fisher = fisher.to(device=_local(p).device, dtype=torch.float32)
+        fisher = fisher.to(device=_local(p).device, dtype=_compute_dtype(p.dtype))
         if hasattr(p, "device_mesh"):
             from torch.distributed.tensor import distribute_tensor
 
@@ -226,13 +231,14 @@ class SPRegularizer:
 
     @staticmethod
     def _accumulate(penalty, w, w0, fisher, out, scale):
-        """Run ``penalty`` in fp32, casting (and casting back) tensors of other dtypes."""
-        if all(t.dtype == torch.float32 for t in [*w, *out]):
+        """Run ``penalty`` in at least fp32, casting (and casting back) tensors of lower precision."""
+        dtype = _compute_dtype(w[0].dtype)
+        if all(t.dtype == dtype for t in [*w, *out]):
             return penalty.accumulate(w, w0, fisher, out, scale)
-        w32 = [t.float() for t in w]
-        out32 = [torch.zeros_like(t) for t in w32]
-        result = penalty.accumulate(w32, w0, fisher, out32, scale)
-        torch._foreach_add_(out, [t.to(o.dtype) for t, o in zip(out32, out, strict=True)])
+        wide = [t.to(dtype) for t in w]
+        delta = [torch.zeros_like(t) for t in wide]
+        result = penalty.accumulate(wide, w0, fisher, delta, scale)
+        torch._foreach_add_(out, [t.to(o.dtype) for t, o in zip(delta, out, strict=True)])
         return result
 
     def _post_step(self, optimizer, args, kwargs) -> None:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import Trainer
+from transformers import PreTrainedModel, Trainer
+from transformers.utils import SAFE_WEIGHTS_NAME
 
 from .config import SPConfig
 from .fisher import check_fisher, estimate_fisher, load_fisher
@@ -23,6 +26,11 @@ __all__ = ["SPTrainer"]
 
 #: Set on a model once its anchor was captured, so that a later fresh start cannot re-anchor on fine-tuned weights.
 ANCHORED_ATTR = "_hf_sp_anchored"
+
+
+def _saved_keys(path: Path) -> set[str]:
+    with safe_open(str(path), framework="pt") as f:
+        return set(f.keys())
 
 
 class SPTrainer(Trainer):
@@ -160,18 +168,41 @@ class SPTrainer(Trainer):
         return fisher
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        super()._load_optimizer_and_scheduler(checkpoint)
         reg = self.sp_regularizer
-        if reg is None or checkpoint is None or self.is_deepspeed_enabled or self.optimizer is None:
+        if reg is None or checkpoint is None or self.is_deepspeed_enabled:
+            super()._load_optimizer_and_scheduler(checkpoint)
             return
-        missing = reg.missing_anchors(getattr(self.optimizer, "optimizer", self.optimizer))
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        except ValueError as err:  # the parameter groups differ: not an SPTrainer checkpoint
+            missing, cause = ["(all)"], err
+        else:
+            missing, cause = reg.missing_anchors(getattr(self.optimizer, "optimizer", self.optimizer)), None
         if missing:
             raise MissingAnchorError(
                 f"resume_from_checkpoint={checkpoint!r} holds no starting-point anchor (first missing: "
-                f"{missing[0]!r}, {len(missing)} in all): it was not written by SPTrainer with a penalty. Resuming "
-                "would re-anchor on fine-tuned weights. Resume from an SPTrainer checkpoint, or start again from "
-                "the pretrained model without resume_from_checkpoint."
-            )
+                f"{missing[0]!r}, {len(missing)} in all): it was not written by SPTrainer with sp_penalty="
+                f"{reg.info.name!r}. Resuming would re-anchor on fine-tuned weights. Resume from a checkpoint of the "
+                "same SPTrainer setup, or start again from the pretrained model without resume_from_checkpoint."
+            ) from cause
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        model = self.model if model is None else model
+        weights = Path(resume_from_checkpoint) / SAFE_WEIGHTS_NAME
+        if (
+            isinstance(model, PreTrainedModel)
+            and weights.is_file()
+            and not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
+            and _saved_keys(weights) != set(model.state_dict())
+        ):
+            # save_pretrained writes some models (ViT, ...) under their legacy key names; Trainer's plain
+            # load_state_dict(strict=False) would then silently skip those tensors and resume from random
+            # weights. from_pretrained applies the key conversion.
+            logger.info("Loading %s through from_pretrained (its saved keys are converted on load).", weights)
+            loaded = type(model).from_pretrained(resume_from_checkpoint, config=model.config)
+            model.load_state_dict(loaded.state_dict(), strict=True)
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     # ----------------------------------------------------------------------------------------
     # Logging and checkpoints

@@ -21,9 +21,16 @@ IMAGE_SIZE = 16
 class RandomImages(Dataset):
     """Fixed random images with labels that depend on them (so that training learns something)."""
 
-    def __init__(self, n: int = 16, seed: int = 0, size: int = IMAGE_SIZE, num_classes: int = NUM_CLASSES):
+    def __init__(
+        self,
+        n: int = 16,
+        seed: int = 0,
+        size: int = IMAGE_SIZE,
+        num_classes: int = NUM_CLASSES,
+        dtype: torch.dtype = torch.float32,
+    ):
         g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(n, 3, size, size, generator=g)
+        self.x = torch.randn(n, 3, size, size, generator=g, dtype=dtype)
         self.y = (self.x.mean(dim=(1, 2, 3)) * 50).long().remainder(num_classes)
 
     def __len__(self) -> int:

@@ -1,0 +1,319 @@
+"""SPTrainer end to end: the trained weights equal a hand-written loop with the paper's objective."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+
+import pytest
+import torch
+from conftest import RandomImages, tiny_timm_cnn, tiny_timm_vit, tiny_vit
+from formulas import penalty_formula
+from transformers import TrainerCallback
+
+from hf_sp import SPConfig, SPTrainer, list_penalties, save_fisher, split_parameters
+from hf_sp.models import is_timm_model, wrap_timm_model
+from hf_sp.regularizer import ANCHOR_KEY, MissingAnchorError
+
+
+def make_args(tmp_path, **kwargs) -> SPConfig:
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        logging_steps=1,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        learning_rate=0.05,
+        per_device_train_batch_size=16,
+        max_steps=3,
+        seed=0,
+    )
+    defaults.update(kwargs)
+    return SPConfig(**defaults)
+
+
+def as_hf(model):
+    return wrap_timm_model(model) if is_timm_model(model) else model
+
+
+def params(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def reference_run(model, data, *, penalty, alpha, beta, lr, steps, fisher=None, mode="gradient"):
+    """Full-batch SGD on loss + alpha * Omega(w_S) + beta/2 ||w_Sbar||^2, written out by hand."""
+    model = as_hf(copy.deepcopy(model))
+    split = split_parameters(model)
+    named = dict(model.named_parameters())
+    w0 = {n: named[n].detach().clone() for n in split.anchored}
+    x, y = data.x, data.y
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = model(pixel_values=x, labels=y).loss
+        body = [named[n] for n in split.anchored]
+        anchors = [w0[n] for n in split.anchored]
+        fishers = [fisher[n] for n in split.anchored] if fisher else [torch.ones_like(t) for t in anchors]
+        if mode == "gradient":
+            loss = loss + alpha * penalty_formula(penalty, body, anchors, fishers)
+            loss = loss + beta / 2 * sum((named[n] ** 2).sum() for n in split.new)
+            loss.backward()
+        else:
+            loss.backward()
+            grads = torch.autograd.grad(penalty_formula(penalty, body, anchors, fishers), body)
+            with torch.no_grad():
+                for p, g in zip(body, grads, strict=True):
+                    p.sub_(lr * alpha * g)
+                for n in split.new:
+                    named[n].mul_(1 - lr * beta)
+        opt.step()
+    return params(model)
+
+
+PENALTIES = [name for name in list_penalties() if name != "none"]
+
+
+@pytest.mark.parametrize("make_model", [tiny_vit, tiny_timm_vit], ids=["hf_vit", "timm_vit"])
+@pytest.mark.parametrize("penalty", PENALTIES)
+def test_training_equals_the_papers_objective(tmp_path, make_model, penalty):
+    # float64 throughout, so that the comparison is tight even where group lasso is non-smooth
+    model, data = make_model().double(), RandomImages(dtype=torch.float64)
+    fisher = None
+    extra = {}
+    if penalty == "l2_sp_fisher":
+        split = split_parameters(as_hf(model))
+        g = torch.Generator().manual_seed(3)
+        fisher = {n: torch.rand(s, generator=g).double() for n, s in split.shapes.items()}  # fp32-exact
+        fisher = {n: f for n, f in fisher.items() if n in split.anchored}
+        save_fisher(fisher, tmp_path / "fisher.safetensors")
+        extra["sp_fisher_path"] = str(tmp_path / "fisher.safetensors")
+    expected = reference_run(model, data, penalty=penalty, alpha=0.3, beta=0.2, lr=0.05, steps=3, fisher=fisher)
+    args = make_args(tmp_path, sp_penalty=penalty, sp_alpha=0.3, sp_beta=0.2, **extra)
+    trainer = SPTrainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    got = params(trainer.model)
+    assert got.keys() == expected.keys()
+    for name in got:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-12, msg=name)
+    # and the run did move: a regularizer that did nothing would fail the comparison for penalty != none
+    moved = max(float((got[n] - p).abs().max()) for n, p in params(as_hf(make_model())).items())
+    assert moved > 1e-3
+
+
+def test_decoupled_mode_steps_toward_w0_beside_the_optimizer(tmp_path):
+    model, data = tiny_vit(), RandomImages()
+    expected = reference_run(model, data, penalty="l2_sp", alpha=0.5, beta=0.2, lr=0.05, steps=3, mode="decoupled")
+    args = make_args(tmp_path, sp_alpha=0.5, sp_beta=0.2, sp_mode="decoupled")
+    trainer = SPTrainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    for name, value in params(trainer.model).items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("make_model", [tiny_vit, tiny_timm_vit], ids=["loss_kwargs", "no_loss_kwargs"])
+def test_gradient_accumulation_is_exact(tmp_path, make_model):
+    runs = {}
+    for ga in (1, 2):
+        model = make_model()
+        args = make_args(
+            tmp_path / f"ga{ga}",
+            per_device_train_batch_size=8 // ga,
+            gradient_accumulation_steps=ga,
+            max_steps=4,
+            sp_alpha=1.0,
+            sp_beta=0.5,
+            learning_rate=0.1,
+        )
+        trainer = SPTrainer(model=model, args=args, train_dataset=RandomImages())
+        trainer.train()
+        runs[ga] = params(trainer.model)
+    for name in runs[1]:
+        torch.testing.assert_close(runs[2][name], runs[1][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_anchor_is_one_fp32_copy_of_the_pretrained_anchored_tensors(tmp_path):
+    model = tiny_timm_cnn()
+    start = params(as_hf(model))
+    trainer = SPTrainer(
+        model=model, args=make_args(tmp_path, per_device_train_batch_size=4), train_dataset=RandomImages()
+    )
+    trainer.train()
+    reg = trainer.sp_regularizer
+    optimizer = trainer.optimizer.optimizer
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    anchors = {names[id(p)]: s[ANCHOR_KEY] for p, s in optimizer.state.items() if ANCHOR_KEY in s}
+    assert sorted(anchors) == sorted(reg.split.anchored)
+    for name, anchor in anchors.items():
+        assert anchor.dtype == torch.float32
+        assert torch.equal(anchor, start[name]), name
+        assert not torch.equal(anchor, trainer.model.get_parameter(name).detach()), "weights should have moved"
+    assert not reg._pending and reg.fisher is None
+    anchor_bytes = sum(a.numel() * a.element_size() for a in anchors.values())
+    expected = sum(math.prod(reg.split.shapes[n]) for n in reg.split.anchored) * 4
+    assert anchor_bytes == expected
+
+
+def test_second_train_call_keeps_the_original_anchor(tmp_path):
+    model = tiny_vit()
+    start = params(model)
+    trainer = SPTrainer(model=model, args=make_args(tmp_path), train_dataset=RandomImages())
+    trainer.train()
+    trainer.train()
+    optimizer = trainer.optimizer.optimizer
+    for name in trainer.sp_regularizer.split.anchored:
+        p = trainer.model.get_parameter(name)
+        assert torch.equal(optimizer.state[p][ANCHOR_KEY], start[name])
+
+
+def test_model_init_reanchors_each_trial_on_its_fresh_model(tmp_path):
+    """hyperparameter_search calls train() with model_init for each trial: each trial anchors on its new model."""
+    seeds = itertools.count(1)
+    made = []
+
+    def model_init():
+        model = tiny_vit(seed=next(seeds))
+        made.append(params(model))
+        return model
+
+    trainer = SPTrainer(model_init=model_init, args=make_args(tmp_path), train_dataset=RandomImages())
+    anchors = []
+    for _ in range(2):
+        trainer.train()
+        optimizer = trainer.optimizer.optimizer
+        name = trainer.sp_regularizer.split.anchored[0]
+        anchor = optimizer.state[trainer.model.get_parameter(name)][ANCHOR_KEY]
+        assert torch.equal(anchor, made[-1][name])
+        anchors.append(anchor)
+    assert not torch.equal(anchors[0], anchors[1])
+
+
+def test_resume_ends_equal_to_an_uninterrupted_run(tmp_path):
+    common = dict(
+        max_steps=6,
+        per_device_train_batch_size=4,
+        save_strategy="steps",
+        save_steps=3,
+        optim="adamw_torch",
+        sp_alpha=1.0,
+        learning_rate=0.05,
+        lr_scheduler_type="linear",
+    )
+    full = SPTrainer(model=tiny_vit(), args=make_args(tmp_path / "a", **common), train_dataset=RandomImages(n=24))
+    full.train()
+    # As a new process would: a new pretrained model object, resumed from the run's step-3 checkpoint.
+    again = SPTrainer(model=tiny_vit(), args=make_args(tmp_path / "b", **common), train_dataset=RandomImages(n=24))
+    again.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-3"))
+    start = params(tiny_vit())
+    for name, value in params(full.model).items():
+        torch.testing.assert_close(params(again.model)[name], value, rtol=0, atol=1e-6, msg=name)
+    optimizer = again.optimizer.optimizer
+    for name in again.sp_regularizer.split.anchored:
+        assert torch.equal(optimizer.state[again.model.get_parameter(name)][ANCHOR_KEY], start[name])
+
+
+def test_resume_from_a_checkpoint_without_anchor_is_refused(tmp_path):
+    plain = make_args(tmp_path, sp_penalty="none", save_strategy="steps", save_steps=2, max_steps=2)
+    SPTrainer(model=tiny_vit(), args=plain, train_dataset=RandomImages()).train()
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    assert checkpoint.is_dir()
+    trainer = SPTrainer(model=tiny_vit(), args=make_args(tmp_path, max_steps=4), train_dataset=RandomImages())
+    with pytest.raises(MissingAnchorError, match="no starting-point anchor"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+
+
+class Recorder(TrainerCallback):
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+class DistanceAtStepStart(TrainerCallback):
+    """||w_S - w0_S|| and ||w_Sbar||^2 at the start of each step, where the penalty is evaluated."""
+
+    def __init__(self, start, anchored, new):
+        self.start, self.anchored, self.new, self.dist, self.head = start, anchored, new, [], []
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        now = params(model)
+        self.dist.append(math.sqrt(sum(float(((now[n] - self.start[n]) ** 2).sum()) for n in self.anchored)))
+        self.head.append(sum(float((now[n] ** 2).sum()) for n in self.new))
+
+
+def test_penalty_and_distance_are_logged_as_window_averages(tmp_path):
+    recorder = Recorder()
+    args = make_args(tmp_path, max_steps=4, logging_steps=2, sp_alpha=0.4, sp_beta=0.2, learning_rate=0.2)
+    model = tiny_vit()
+    split = split_parameters(model)
+    probe = DistanceAtStepStart(params(model), split.anchored, split.new)
+    trainer = SPTrainer(model=model, args=args, train_dataset=RandomImages(), callbacks=[recorder, probe])
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 2
+    # every report_to backend is a callback fed by on_log: the recorder sees the same values
+    assert [r["sp_dist"] for r in recorder.logs if "loss" in r] == [h["sp_dist"] for h in logged]
+    assert probe.dist[0] == 0.0
+    for window, entry in enumerate(logged):
+        steps = slice(2 * window, 2 * window + 2)
+        dists, heads = probe.dist[steps], probe.head[steps]
+        assert entry["sp_dist"] == pytest.approx(sum(dists) / 2, rel=1e-5)
+        assert entry["sp_body"] == pytest.approx(0.4 * sum(0.5 * d**2 for d in dists) / 2, rel=1e-5)
+        assert entry["sp_head"] == pytest.approx(0.2 * sum(0.5 * h for h in heads) / 2, rel=1e-5)
+
+
+def test_weight_decay_does_not_stack_on_the_penalty(tmp_path):
+    with pytest.raises(ValueError, match=r"weight_decay=0.01 .*Set weight_decay=0.0"):
+        make_args(tmp_path, weight_decay=0.01)
+    make_args(tmp_path, weight_decay=0.01, sp_penalty="none")  # plain Trainer behaviour is allowed
+
+
+def test_bf16_autocast_keeps_anchor_and_penalty_in_fp32(tmp_path):
+    model = tiny_vit()
+    start = params(model)
+    args = make_args(tmp_path, bf16=True, optim="adamw_torch")
+    trainer = SPTrainer(model=model, args=args, train_dataset=RandomImages())
+    trainer.train()
+    optimizer = trainer.optimizer.optimizer
+    for name in trainer.sp_regularizer.split.anchored:
+        anchor = optimizer.state[trainer.model.get_parameter(name)][ANCHOR_KEY]
+        assert anchor.dtype == torch.float32 and torch.equal(anchor, start[name])
+    assert all(math.isfinite(h["sp_dist"]) for h in trainer.state.log_history if "sp_dist" in h)
+
+
+class Diverge(TrainerCallback):
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 3:
+            with torch.no_grad():
+                model.get_parameter("vit.embeddings.patch_embeddings.projection.weight").fill_(float("nan"))
+
+
+def test_non_finite_penalty_stops_training_and_keeps_the_last_checkpoint(tmp_path):
+    args = make_args(tmp_path, max_steps=8, save_strategy="steps", save_steps=2, logging_steps=1)
+    trainer = SPTrainer(model=tiny_vit(), args=args, train_dataset=RandomImages(), callbacks=[Diverge()])
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        trainer.train()
+    out = tmp_path / "out"
+    assert (out / "checkpoint-2" / "model.safetensors").is_file()
+    assert not (out / "checkpoint-4").exists()
+
+
+def test_head_found_when_class_count_equals_the_source(tmp_path):
+    """Same number of classes: nothing is 'mismatched', yet the classifier is still the new head."""
+    trainer = SPTrainer(model=tiny_vit(num_labels=3), args=make_args(tmp_path), train_dataset=RandomImages())
+    assert trainer.sp_regularizer.split.new == ["classifier.weight"]
+
+
+def test_fisher_estimated_at_start(tmp_path):
+    args = make_args(tmp_path, sp_penalty="l2_sp_fisher", sp_fisher_batches=1, sp_alpha=10.0)
+    trainer = SPTrainer(model=tiny_vit(), args=args, train_dataset=RandomImages())
+    trainer.train()
+    optimizer = trainer.optimizer.optimizer
+    states = [optimizer.state[trainer.model.get_parameter(n)] for n in trainer.sp_regularizer.split.anchored]
+    assert all("sp_fisher" in s and float(s["sp_fisher"].min()) >= 0 for s in states)
+    assert any(float(s["sp_fisher"].max()) > 0 for s in states)
