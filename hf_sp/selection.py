@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -17,8 +18,9 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-#: Prefixes that wrappers (DDP, FSDP1, activation checkpointing, torch.compile) put in parameter names.
-WRAPPER_PREFIXES = ("module.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+#: Name segments that wrappers (FSDP1, activation checkpointing, torch.compile) insert in parameter names;
+#: DDP and DataParallel prepend ``module.``.
+_WRAPPER_SEGMENTS = re.compile(r"(?:^|(?<=\.))(?:_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
 
 KERNEL_MODULES = (nn.modules.conv._ConvNd, nn.Linear)
 
@@ -27,9 +29,7 @@ INCLUDE_CHOICES = ("kernels", "all")
 
 def canonical_name(name: str) -> str:
     """Parameter name without the prefixes that wrappers add (``module.``, ``_fsdp_wrapped_module.``...)."""
-    for prefix in WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
+    return _WRAPPER_SEGMENTS.sub("", name).removeprefix("module.")
 
 
 def _timm_heads(model: nn.Module) -> list[str]:

@@ -1,0 +1,58 @@
+"""Train a tiny timm ViT with SPTrainer and save the final weights: run alone or under accelerate launch.
+
+python tests/scripts/train_tiny.py OUT_DIR BATCH_PER_DEVICE [PENALTY]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import RandomImages, tiny_timm_vit  # noqa: E402
+
+from hf_sp import SPConfig, SPTrainer  # noqa: E402
+
+
+def main() -> None:
+    out, batch = Path(sys.argv[1]), int(sys.argv[2])
+    penalty = sys.argv[3] if len(sys.argv) > 3 else "l2_sp"
+    args = SPConfig(
+        output_dir=str(out),
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        logging_steps=1,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        learning_rate=0.1,
+        per_device_train_batch_size=batch,
+        max_steps=4,
+        seed=0,
+        # gloo: the CPU process group (transformers does not pick it by itself on CPU)
+        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        sp_penalty=penalty,
+        sp_alpha=0.5,
+        sp_beta=0.3,
+    )
+    # float64, so that all-reduce rounding does not swamp the comparison where group lasso is non-smooth
+    model, data = tiny_timm_vit().double(), RandomImages(n=8, dtype=torch.float64)
+    trainer = SPTrainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    if trainer.is_world_process_zero():
+        state = {n: p.detach().contiguous() for n, p in trainer.model.named_parameters()}
+        save_file(state, str(out / "final.safetensors"))
+        logs = [{k: v for k, v in h.items() if k.startswith("sp_") or k == "loss"} for h in trainer.state.log_history]
+        (out / "logs.json").write_text(json.dumps(logs))
+        print("world size", trainer.args.world_size, "steps", trainer.state.global_step, torch.__version__)
+
+
+if __name__ == "__main__":
+    main()
