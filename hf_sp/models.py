@@ -60,3 +60,18 @@ def wrap_timm_model(
         wrapper = TimmWrapperForImageClassification(config)
     wrapper.timm_model = model
     return wrapper
+
+
+def timm_layout_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict | None:
+    """The state dict of a ``TimmWrapperForImageClassification`` under timm's own key names.
+
+    transformers saves a wrapper built around an existing timm model with ``timm_model.``-prefixed
+    keys, which ``timm.create_model("hf-hub:...")`` cannot load; without the prefix both timm and
+    transformers (which re-adds it on load) read the file. Other models: ``state_dict`` unchanged.
+    """
+    if not isinstance(model, TimmWrapperForImageClassification):
+        return state_dict
+    if model.config.model_args is None:
+        model.config.model_args = {}  # timm's hf-hub loader expects a mapping
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    return {k.removeprefix("timm_model."): v for k, v in state_dict.items()}

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .penalties import get_penalty, get_penalty_info
+from .penalties._registry import sum_of_squares
 from .penalties.l2 import L2
 from .selection import ParamSplit, canonical_name
 
@@ -251,6 +252,27 @@ class SPRegularizer:
             self.fisher = None
             if self.on_capture is not None:
                 self.on_capture()
+
+    @torch.no_grad()
+    def distance(self, optimizer: torch.optim.Optimizer) -> tuple[float, float] | None:
+        """``(||w_S - w0_S||, ||w_S - w0_S|| / ||w0_S||)`` now, from the anchors in the optimizer state.
+
+        Shard-local under sharded engines (the caller sums across ranks); ``None`` before the first step.
+        """
+        diff, base = [], []
+        for group in optimizer.param_groups:
+            if group.get(ROLE_KEY) != "anchored":
+                continue
+            for p in group["params"]:
+                anchor = optimizer.state.get(p, {}).get(ANCHOR_KEY)
+                if anchor is not None:
+                    diff.append(_local(p).to(anchor.dtype) - _local(anchor))
+                    base.append(_local(anchor))
+        if not diff:
+            return None
+        dist = float(sum_of_squares(diff).sqrt())
+        norm = float(sum_of_squares(base).sqrt())
+        return dist, dist / norm if norm > 0 else float("inf")
 
     # ----------------------------------------------------------------------------------------
     # Logging

@@ -15,7 +15,8 @@ from transformers.utils import SAFE_WEIGHTS_NAME
 
 from .config import SPConfig
 from .fisher import check_fisher, estimate_fisher, load_fisher
-from .models import is_timm_model, wrap_timm_model
+from .model_card import SPCardInfo, hyperparameters_from_args, render_model_card
+from .models import is_timm_model, timm_layout_state_dict, wrap_timm_model
 from .penalties import get_penalty_info
 from .regularizer import MissingAnchorError, SPRegularizer
 from .selection import ParamSplit, split_parameters
@@ -186,6 +187,15 @@ class SPTrainer(Trainer):
                 "same SPTrainer setup, or start again from the pretrained model without resume_from_checkpoint."
             ) from cause
 
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        # Trainer pickles the arguments into training_args.bin, which is pushed with the model: keep the token out.
+        token, self.args.hub_token = self.args.hub_token, None
+        try:
+            super()._save(output_dir, timm_layout_state_dict(model, state_dict))
+        finally:
+            self.args.hub_token = token
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         model = self.model if model is None else model
         weights = Path(resume_from_checkpoint) / SAFE_WEIGHTS_NAME
@@ -215,6 +225,56 @@ class SPTrainer(Trainer):
                 )
             )
         super().log(logs, *args, **kwargs)
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """Write ``README.md`` in ``output_dir``: the SP card (penalty, formula, alpha, beta, anchored vs new,
+        distance to start, eval results, hyperparameters, how to load), instead of Trainer's draft card."""
+        if not self.is_world_process_zero():
+            return
+        card = render_model_card(
+            self.model_card_info(dataset_name=kwargs.get("dataset_name") or kwargs.get("dataset"))
+        )
+        card.save(str(Path(self.args.output_dir) / "README.md"))
+
+    def model_card_info(self, dataset_name: str | None = None) -> SPCardInfo:
+        """What the model card records about this run (``sp_card_context`` adds what the Trainer cannot know)."""
+        context = dict(getattr(self, "sp_card_context", {}) or {})
+        model = self.accelerator.unwrap_model(self.model)
+        config = getattr(model, "config", None)
+        args, reg = self.args, self.sp_regularizer
+        distance = None
+        if reg is not None and self.optimizer is not None:
+            distance = reg.distance(getattr(self.optimizer, "optimizer", self.optimizer))
+        metrics: dict[str, float] = {}
+        for entry in self.state.log_history:
+            metrics.update({k: v for k, v in entry.items() if k.startswith(("eval_", "test_"))})
+        library = context.get("library") or (
+            "timm" if getattr(config, "model_type", "") == "timm_wrapper" else "transformers"
+        )
+        label_names = context.get("label_names") or (
+            [config.id2label[i] for i in sorted(config.id2label)] if getattr(config, "id2label", None) else None
+        )
+        split = reg.split if reg is not None else None
+        return SPCardInfo(
+            model_id=args.hub_model_id or Path(args.output_dir).name,
+            base_model=context.get("base_model") or getattr(config, "_name_or_path", None) or None,
+            library=library,
+            dataset_name=context.get("dataset_name") or dataset_name,
+            penalty=args.sp_penalty,
+            penalty_formula=reg.info.formula if reg is not None else "",
+            alpha=args.sp_alpha,
+            beta=args.sp_beta,
+            mode=args.sp_mode,
+            include=args.sp_include,
+            anchored=split.summary().split("; ")[0] if split else "nothing (plain fine-tuning)",
+            new="; ".join(split.summary().split("; ")[1:2]) if split else "",
+            final_distance=distance[0] if distance else None,
+            relative_distance=distance[1] if distance else None,
+            eval_results=metrics,
+            hyperparameters=hyperparameters_from_args(args),
+            num_labels=getattr(config, "num_labels", None),
+            label_names=label_names,
+        )
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         if self.sp_regularizer is not None:
