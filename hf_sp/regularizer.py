@@ -195,10 +195,14 @@ class SPRegularizer:
                 continue
             names = group.get(NAMES_KEY) or []
             if len(names) != len(group["params"]):
-                raise RuntimeError(
-                    "The optimizer's parameter groups were rebuilt by the training engine; hf_sp cannot tell which "
-                    "tensor is which. Use an elementwise penalty (l2, l2_sp, l1_sp) with this engine."
-                )
+                # The engine flattened the group (DeepSpeed ZeRO): elementwise penalties need no names.
+                if not self.info.elementwise or self.info.needs_fisher:
+                    raise RuntimeError(
+                        f"sp_penalty={self.info.name!r} needs to know which tensor is which, but the training "
+                        "engine flattened the optimizer's parameter groups (DeepSpeed ZeRO). Use an elementwise "
+                        "penalty (l2, l2_sp, l1_sp) with this engine, or FSDP2."
+                    )
+                names = [None] * len(group["params"])
             items = [(n, p) for n, p in zip(names, group["params"], strict=True) if p.grad is not None]
             if role == "anchored" and not self.info.elementwise:
                 self._check_structure(items)

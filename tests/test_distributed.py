@@ -42,3 +42,24 @@ def test_ddp_two_processes_equal_one(tmp_path, penalty):
     dist_b = [h["sp_dist"] for h in logs_b if "sp_dist" in h]
     assert len(dist_a) == 4 and dist_b == pytest.approx(dist_a, rel=1e-9)  # never multiplied by world size
     assert dist_a[-1] > 0
+
+
+@pytest.mark.slow
+def test_cli_under_accelerate_launch_two_processes(tmp_path):
+    """The fine-tuning CLI as users start it on several processes (CPU: gloo)."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    cmd += [str(root / "examples" / "accelerate" / "cpu_2proc.yaml"), str(root / "scripts" / "finetune.py")]
+    cmd += ["--image_size", "32", "--max_train_samples", "64", "--max_eval_samples", "32", "--max_steps", "2"]
+    cmd += ["--per_device_train_batch_size", "8", "--use_cpu", "--ddp_backend", "gloo", "--disable_tqdm", "true"]
+    cmd += ["--output_dir", str(out), "--save_strategy", "no", "--eval_strategy", "no", "--logging_steps", "1"]
+    run(cmd, tmp_path)
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    assert state["train_batch_size"] == 8
+    assert state["epoch"] == pytest.approx(0.5)  # 2 steps x 8 images x 2 processes of 64: two processes ran
+    results = json.loads((out / "all_results.json").read_text())
+    assert 0 <= results["test_accuracy"] <= 1
+    assert "sp_dist" in state["log_history"][0]
+    assert (out / "README.md").is_file()

@@ -201,6 +201,15 @@ def test_end_to_end_run_writes_model_card_and_results(tmp_path):
 
 
 @pytest.mark.slow
+def test_bf16_on_cpu(tmp_path):
+    out = tmp_path / "run"
+    main([*QUICK, "--output_dir", str(out), "--bf16", "--max_steps", "2", "--eval_strategy", "no"])
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert all(h["sp_dist"] == h["sp_dist"] for h in state["log_history"] if "sp_dist" in h)  # not NaN
+    assert state["log_history"][-2]["sp_dist"] > 0
+
+
+@pytest.mark.slow
 def test_resume_continues_with_the_original_anchor(tmp_path):
     out = tmp_path / "run"
     main(

@@ -1,0 +1,135 @@
+"""SPRegularizer on a bare optimizer: chunking, dtypes, flattened groups (ZeRO-style), missing anchors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from hf_sp import regularizer as reg_module
+from hf_sp import split_parameters
+from hf_sp.regularizer import ANCHOR_KEY, MissingAnchorError, SPRegularizer
+
+
+class Net(nn.Module):
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(6, 5).to(dtype)
+        self.conv = nn.Conv1d(5, 4, 1).to(dtype)
+        self.classifier = nn.Linear(4, 3).to(dtype)
+
+
+def setup(penalty="l2_sp", dtype=torch.float32, **kwargs):
+    model = Net(dtype)
+    split = split_parameters(model, head_modules=["classifier"])
+    reg = SPRegularizer(penalty, alpha=0.5, beta=0.25, split=split, **kwargs)
+    reg.capture_allowed = True
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    reg.prepare_optimizer(opt, model.named_parameters())
+    return model, reg, opt
+
+
+def step_with_grads(model, opt, value=0.0):
+    for p in model.parameters():
+        p.grad = torch.full_like(p, value)
+    opt.step()
+
+
+def test_groups_split_by_role():
+    model, reg, opt = setup()
+    roles = {g["sp_role"]: g["sp_names"] for g in opt.param_groups}
+    assert roles["anchored"] == ["body.weight", "conv.weight"]
+    assert roles["new"] == ["classifier.weight"]
+    assert set(roles["free"]) == {"body.bias", "conv.bias", "classifier.bias"}
+
+
+def test_chunking_does_not_change_the_result(monkeypatch):
+    results = []
+    for chunk in (1 << 24, 7):
+        monkeypatch.setattr(reg_module, "CHUNK_NUMEL", chunk)
+        model, reg, opt = setup()
+        step_with_grads(model, opt)  # captures w0, moves nothing but the head (beta)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.3)
+        step_with_grads(model, opt)
+        results.append([p.detach().clone() for p in model.parameters()] + [torch.tensor(reg.pop_metrics()["sp_body"])])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_bf16_parameters_get_an_fp32_anchor():
+    model, reg, opt = setup(dtype=torch.bfloat16)
+    start = model.body.weight.detach().float().clone()
+    step_with_grads(model, opt)
+    anchor = opt.state[model.body.weight][ANCHOR_KEY]
+    assert anchor.dtype == torch.float32 and torch.equal(anchor, start)
+    step_with_grads(model, opt)
+    assert torch.isfinite(torch.tensor(reg.pop_metrics()["sp_dist"]))
+
+
+def flatten_groups(opt):
+    """What DeepSpeed ZeRO does to the client optimizer: one flat fp32 tensor per param group."""
+    for group in opt.param_groups:
+        flat = torch.cat([p.detach().reshape(-1) for p in group["params"]]).requires_grad_(True)
+        group["params"] = [flat]
+
+
+def test_elementwise_penalty_on_flattened_groups():
+    model, reg, opt = setup("l2_sp")
+    flatten_groups(opt)
+    anchored = next(g for g in opt.param_groups if g["sp_role"] == "anchored")["params"][0]
+    start = anchored.detach().clone()
+    for g in opt.param_groups:
+        g["params"][0].grad = torch.zeros_like(g["params"][0])
+    opt.step()
+    torch.testing.assert_close(opt.state[anchored][ANCHOR_KEY], start)
+    with torch.no_grad():
+        anchored.add_(1.0)
+    anchored.grad = torch.zeros_like(anchored)
+    opt.step()  # gradient alpha * (w - w0) = 0.5 everywhere, lr 0.1
+    torch.testing.assert_close(anchored.detach(), start + 1.0 - 0.1 * 0.5)
+
+
+@pytest.mark.parametrize("penalty", ["group_lasso_sp", "l2_sp_fisher"])
+def test_structured_penalties_refuse_flattened_groups(penalty):
+    fisher = None
+    if penalty == "l2_sp_fisher":
+        fisher = {"body.weight": torch.ones(5, 6), "conv.weight": torch.ones(4, 5, 1)}
+    model, reg, opt = setup(penalty, fisher=fisher)
+    flatten_groups(opt)
+    for g in opt.param_groups:
+        g["params"][0].grad = torch.zeros_like(g["params"][0])
+    with pytest.raises(RuntimeError, match="flattened"):
+        opt.step()
+
+
+def test_no_capture_without_permission():
+    model, reg, opt = setup()
+    reg.capture_allowed = False
+    with pytest.raises(MissingAnchorError, match="'body.weight' has no starting-point anchor"):
+        step_with_grads(model, opt)
+
+
+def test_decoupled_mode_scales_by_the_group_learning_rate():
+    model, reg, opt = setup(mode="decoupled")
+    step_with_grads(model, opt)
+    start = model.body.weight.detach().clone()
+    with torch.no_grad():
+        model.body.weight.add_(1.0)
+    step_with_grads(model, opt)  # w <- w - lr * alpha * (w - w0), then SGD with zero gradient
+    torch.testing.assert_close(model.body.weight.detach(), start + 1.0 - 0.1 * 0.5 * 1.0)
+
+
+def test_distance_from_the_optimizer_state():
+    model, reg, opt = setup()
+    assert reg.distance(opt) is None
+    step_with_grads(model, opt)
+    with torch.no_grad():
+        model.body.weight.add_(2.0)
+    dist, rel = reg.distance(opt)
+    anchor = opt.state[model.body.weight][ANCHOR_KEY]
+    norm = (anchor.square().sum() + opt.state[model.conv.weight][ANCHOR_KEY].square().sum()).sqrt()
+    assert dist == pytest.approx(2.0 * (30**0.5), rel=1e-6)
+    assert rel == pytest.approx(dist / float(norm), rel=1e-6)
