@@ -22,6 +22,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .config import SPConfig
 from .data import DIGITS, attach_transform, build_transforms, check_images, collate, load_image_dataset
+from .hub import PushError
 from .loading import PACKAGED_LITE0, load_model
 
 logger = logging.getLogger("hf_sp.finetune")
@@ -301,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     try:
         metrics = run(model_args, data_args, args)
-    except ValueError as err:
+    except (ValueError, PushError) as err:
         raise SystemExit(f"error: {err}") from None
     if args.should_log:
         print(summary(metrics, args.output_dir))
