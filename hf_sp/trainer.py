@@ -67,8 +67,7 @@ class SPTrainer(Trainer):
         self.sp_regularizer: SPRegularizer | None = None
         self._sp_resuming = False
         super().__init__(model, args, *pos, **kwargs)
-        if self.model_init is None:
-            self._sp_setup(self.model)
+        self._sp_setup(self.model)  # validates the settings against the model now, before any training
 
     # ----------------------------------------------------------------------------------------
     # Setup: one regularizer per model (a new one for each hyperparameter-search trial)
@@ -102,33 +101,28 @@ class SPTrainer(Trainer):
 
     def call_model_init(self, trial=None) -> nn.Module:
         model = super().call_model_init(trial)
-        if is_timm_model(model):
-            model = wrap_timm_model(model)
-        if hasattr(self, "sp_regularizer"):  # not during Trainer.__init__; train() sets it up per trial
-            self._sp_setup(model)
-        return model
+        return wrap_timm_model(model) if is_timm_model(model) else model
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs: Any):
-        self._sp_resuming = bool(resume_from_checkpoint)
-        if self.sp_regularizer is not None and self.model_init is None:
-            self.sp_regularizer.capture_allowed = not self._sp_resuming and not getattr(
-                self.model, ANCHORED_ATTR, False
-            )
+        self._sp_resuming = bool(resume_from_checkpoint)  # read when the optimizer is created
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
 
     # ----------------------------------------------------------------------------------------
     # Optimizer: split groups by role and hook the step
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        raw = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer on a second train()
+        if self.sp_regularizer is not None and id(raw) in self.sp_regularizer._hooked:
+            return optimizer
+        opt_model = model if model is not None else self.model
+        # A fresh optimizer: set up from the arguments as they are now (a hyperparameter-search trial sets them
+        # after building its model).
+        self._sp_setup(opt_model)
         reg = self.sp_regularizer
         if reg is None:
             return optimizer
-        raw = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer on a second train()
-        if id(raw) in reg._hooked:
-            return optimizer
         if reg.info.needs_fisher and not reg.fisher and reg.capture_allowed:
             reg.fisher = self._sp_estimate_fisher(reg.split)
-        opt_model = model if model is not None else self.model
         reg.prepare_optimizer(raw, opt_model.named_parameters())
         logger.info(
             "hf_sp: %s (alpha=%g, beta=%g, %s mode). %s",

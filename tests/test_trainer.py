@@ -317,3 +317,46 @@ def test_fisher_estimated_at_start(tmp_path):
     states = [optimizer.state[trainer.model.get_parameter(n)] for n in trainer.sp_regularizer.split.anchored]
     assert all("sp_fisher" in s and float(s["sp_fisher"].min()) >= 0 for s in states)
     assert any(float(s["sp_fisher"].max()) > 0 for s in states)
+
+
+def test_hyperparameter_search_anchors_each_trial_on_its_fresh_model(tmp_path):
+    pytest.importorskip("optuna")
+    seeds = itertools.count(10)
+    made = []
+
+    def model_init(trial=None):
+        model = tiny_vit(seed=next(seeds))
+        made.append(params(model))
+        return model
+
+    class AnchorCheck(TrainerCallback):
+        def __init__(self):
+            self.checked, self.alphas = 0, []
+
+        def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+            if state.global_step != 1:
+                return
+            raw = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+            name = "vit.embeddings.patch_embeddings.projection.weight"
+            anchor = raw.state[model.get_parameter(name)][ANCHOR_KEY]
+            assert torch.equal(anchor, made[-1][name])  # this trial's own pretrained weights
+            assert trainer.sp_regularizer.alpha == args.sp_alpha  # the trial's alpha reached the regularizer
+            self.alphas.append(args.sp_alpha)
+            self.checked += 1
+
+    check = AnchorCheck()
+    trainer = SPTrainer(
+        model_init=model_init,
+        args=make_args(tmp_path),
+        train_dataset=RandomImages(),
+        eval_dataset=RandomImages(n=8),
+        callbacks=[check],
+    )
+    best = trainer.hyperparameter_search(
+        hp_space=lambda trial: {"sp_alpha": trial.suggest_float("sp_alpha", 0.01, 1.0, log=True)},
+        backend="optuna",
+        n_trials=2,
+        direction="minimize",
+    )
+    assert check.checked == 2 and best is not None
+    assert check.alphas[0] != check.alphas[1]
