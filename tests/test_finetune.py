@@ -111,6 +111,20 @@ def test_corrupt_image_is_named_or_skipped_and_counted(tmp_path):
     assert skipped == 1 and len(kept) == 6
 
 
+def test_dataset_name_through_load_dataset(tmp_path):
+    """--dataset_name goes through datasets.load_dataset (here a local folder; a Hub id takes the same path)."""
+    make_tree(tmp_path / "ds", {"train": ["x", "y"], "validation": ["x", "y"], "test": ["x", "y"]})
+    data = load_image_dataset(str(tmp_path / "ds"))
+    assert {k: len(v) for k, v in data.items()} == {"train": 6, "validation": 6, "test": 6}
+    assert data["test"].features["label"].names == ["x", "y"]
+
+
+def test_missing_columns_are_named(tmp_path):
+    make_tree(tmp_path / "ds", {"train": ["x", "y"]})
+    with pytest.raises(ValueError, match=r"label_column_name='fine_label' is not a column.*\['image', 'label'\]"):
+        load_image_dataset(str(tmp_path / "ds"), label_column="fine_label")
+
+
 def test_digits_default():
     data = load_image_dataset(DIGITS)
     assert data["train"].features["label"].names == [str(i) for i in range(10)]
