@@ -118,5 +118,13 @@ class SPConfig(TrainingArguments):
             )
 
 
+    def __getstate__(self) -> dict:
+        # Trainer pickles the arguments into training_args.bin, in every checkpoint, and pushes them to the Hub:
+        # the token must not travel with them.
+        state = self.__dict__.copy()
+        state["hub_token"] = None
+        return state
+
+
 #: Alias following the ``*TrainingArguments`` naming of transformers.
 SPTrainingArguments = SPConfig

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -209,7 +210,8 @@ def build_transforms(data_config: dict[str, Any], image_size: int | None = None)
     )
     evaluate = T.Compose(
         [
-            T.Resize(int(round(size / crop_pct)), interpolation=interpolation),
+            # as timm: resize to floor(size / crop_pct), centre crop; crop_pct 1.0 resizes straight to size x size
+            T.Resize(math.floor(size / crop_pct) if crop_pct < 1.0 else (size, size), interpolation=interpolation),
             T.CenterCrop(size),
             T.ToTensor(),
             normalize,

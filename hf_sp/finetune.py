@@ -226,6 +226,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: SPConfig) ->
         cache_dir=model_args.cache_dir,
     )
     image_size = model_args.image_size or (DIGITS_IMAGE_SIZE if data_args.dataset_name == DIGITS else None)
+    if image_size:
+        loaded.set_image_size(image_size)  # the saved config then preprocesses as training did
     train_tf, eval_tf = build_transforms(loaded.data_config, image_size)
     train = attach_transform(dataset["train"], train_tf if data_args.train_augmentation == "standard" else eval_tf)
     val = attach_transform(dataset["validation"], eval_tf)
@@ -260,7 +262,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: SPConfig) ->
         if checkpoint is not None:
             logger.info("Resuming from %s (pass --overwrite_output_dir to start over).", checkpoint)
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_model()
+    # _internal_call: save only; the push comes last, with the results and the card (finish_and_push).
+    trainer.save_model(_internal_call=True)
     metrics = dict(result.metrics)
     metrics["train_samples"] = len(train)
     trainer.log_metrics("train", metrics)

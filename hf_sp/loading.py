@@ -37,8 +37,23 @@ class LoadedModel:
     library: str  # "timm" or "transformers"
     base_model: str
     image_processor: Any = None
-    #: mean, std, input_size (C, H, W), interpolation, crop_pct: the model's own preprocessing.
+    #: mean, std, input_size (C, H, W), interpolation, crop_pct (1.0: resize to the input size, no crop).
     data_config: dict[str, Any] = field(default_factory=dict)
+
+    def set_image_size(self, size: int) -> None:
+        """Train and evaluate at ``size`` px, and record it where the saved model's preprocessing reads it."""
+        self.data_config["input_size"] = (3, size, size)
+        config = self.model.config
+        if getattr(config, "pretrained_cfg", None) is not None:  # timm: the hf-hub loader and pipeline read it
+            config.pretrained_cfg = {**config.pretrained_cfg, "input_size": [3, size, size]}
+        processor = self.image_processor
+        if processor is not None:
+            if "shortest_edge" in (processor.size or {}):
+                processor.size = {"shortest_edge": int(size / self.data_config.get("crop_pct", 1.0))}
+            else:
+                processor.size = {"height": size, "width": size}
+            if getattr(processor, "do_center_crop", False):
+                processor.crop_size = {"height": size, "width": size}
 
 
 def _unreachable(name: str, err: Exception) -> ValueError:
@@ -170,7 +185,8 @@ def _processor_data_config(processor: Any) -> dict[str, Any]:
     else:
         height, width = size.get("height", 224), size.get("width", 224)
     crop = getattr(processor, "crop_size", None) or {}
-    crop_pct = None
+    # Without a centre crop the processor resizes straight to the input size: crop_pct 1.0.
+    crop_pct = 1.0
     if crop and getattr(processor, "do_center_crop", False):
         crop_pct = crop.get("height", height) / height
         height, width = crop.get("height", height), crop.get("width", width)
@@ -179,5 +195,5 @@ def _processor_data_config(processor: Any) -> dict[str, Any]:
         "interpolation": "bilinear",
         "mean": tuple(getattr(processor, "image_mean", None) or (0.5, 0.5, 0.5)),
         "std": tuple(getattr(processor, "image_std", None) or (0.5, 0.5, 0.5)),
-        "crop_pct": crop_pct or 0.875,
+        "crop_pct": crop_pct,
     }

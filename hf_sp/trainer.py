@@ -183,12 +183,7 @@ class SPTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        # Trainer pickles the arguments into training_args.bin, which is pushed with the model: keep the token out.
-        token, self.args.hub_token = self.args.hub_token, None
-        try:
-            super()._save(output_dir, timm_layout_state_dict(model, state_dict))
-        finally:
-            self.args.hub_token = token
+        super()._save(output_dir, timm_layout_state_dict(model, state_dict))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         model = self.model if model is None else model

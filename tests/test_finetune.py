@@ -202,6 +202,8 @@ def test_end_to_end_run_writes_model_card_and_results(tmp_path):
     assert 0 <= results["test_accuracy"] <= 1 and "eval_top5_accuracy" in results
     card = (out / "README.md").read_text()
     assert "l2_sp" in card and "alpha/2 * ||w_S - w0_S||^2" in card and "li2018explicit" in card
+    # the saved config preprocesses at the resolution the model was trained and evaluated at
+    assert json.loads((out / "config.json").read_text())["pretrained_cfg"]["input_size"] == [3, 32, 32]
     # the saved model loads with timm alone, under timm's own key names
     import timm
 

@@ -1,0 +1,868 @@
+"""Cost benchmark of starting-point regularization: step time, penalty kernel, peak memory, Fisher estimation.
+
+Four measurements, in one run (``scripts/benchmark.py`` is the command line):
+
+1. **Step time** of :class:`hf_sp.SPTrainer` (``l2_sp``, gradient mode) against a plain
+   ``transformers.Trainer`` on the same model, data, seed and optimizer (SGD, momentum 0.9, no clipping).
+   Every training run is its own subprocess; SP and baseline runs alternate (A B A B ...), per-step wall
+   times come from a ``TrainerCallback`` (``on_step_begin`` / ``on_step_end``), warm-up steps are dropped
+   and medians compared. The optimizer step (which holds the SP hook) is timed on its own as well: its
+   SP - baseline difference is the overhead that SP adds, free of the run-to-run noise of the forward and
+   backward passes.
+2. **Peak memory** (``ru_maxrss``) of the same subprocesses, SP against baseline, next to the bytes of
+   one fp32 copy of the anchored tensors (the anchor ``w0``).
+3. **The penalty alone** (value and gradient): hf_sp's step-time path (``SPRegularizer._pre_step`` and
+   ``get_penalty("l2_sp").accumulate``) against the per-tensor autograd loop of common implementations,
+   and both against the memory-traffic floor (read ``w``, ``w0``, ``grad``, write ``grad``: 16 bytes per
+   fp32 entry) at the streaming bandwidth measured on this machine.
+4. **Fisher estimation**: :func:`hf_sp.estimate_fisher` (vectorized with ``torch.func``) against a
+   per-sample, per-class Python loop of ``torch.autograd.grad``; both must give the same Fisher.
+
+Results go to ``benchmark.json`` (raw numbers, machine, versions, command) and ``benchmark.md``.
+Timings are medians of interleaved repetitions; nothing here asserts on a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "BenchmarkConfig",
+    "build_parser",
+    "config_from_args",
+    "full_config",
+    "machine_info",
+    "main",
+    "measure_bandwidth",
+    "quick_config",
+    "render_markdown",
+    "run_benchmark",
+]
+
+#: Targets the benchmark reports against (never asserted).
+TARGETS = {
+    "step_overhead_pct": 1.0,  # SP step time / baseline step time - 1, at most
+    "penalty_speedup_vs_loop": 4.0,  # hf_sp penalty (value + gradient) vs the autograd loop, at least
+    "memory_overhead_anchor_copies": 1.0,  # extra peak RSS, in fp32 copies of the anchored tensors, at most
+    "fisher_speedup_vs_loop": 5.0,  # estimate_fisher vs the per-sample loop, at least
+}
+
+#: Bytes per anchored fp32 entry that any penalty-gradient kernel must move: read w, w0, grad; write grad.
+FLOOR_BYTES_PER_ENTRY = 4 * 4
+
+
+@dataclass
+class BenchmarkConfig:
+    """What to measure, and how much. ``full_config()`` is the reported setup, ``quick_config()`` a smoke test."""
+
+    models: list[str] = field(default_factory=lambda: ["resnet50", "vit_small_patch16_224"])
+    image_size: int = 224
+    batch_size: int = 32
+    num_classes: int = 10
+    warmup_steps: int = 1
+    steps: int = 3
+    repeats: int = 3
+    threads: int = 2
+    seed: int = 0
+    learning_rate: float = 0.01
+    # The penalty alone
+    penalty_iters: int = 15
+    bandwidth_numel: int = 1 << 25
+    # Fisher estimation
+    fisher_models: list[str] = field(default_factory=lambda: ["resnet18", "vit_tiny_patch16_224"])
+    fisher_image_size: int = 64
+    fisher_samples: int = 32
+    fisher_classes: int = 10
+    fisher_repeats: int = 2
+    sections: list[str] = field(default_factory=lambda: ["step", "penalty", "fisher"])
+    quick: bool = False
+
+
+SECTIONS = ("step", "penalty", "fisher")
+
+
+def full_config() -> BenchmarkConfig:
+    """The reported configuration: resnet50 and vit_small, batch 32, 224 px; Fisher on resnet18 / vit_tiny."""
+    return BenchmarkConfig()
+
+
+def quick_config() -> BenchmarkConfig:
+    """A smoke configuration (timm ``test_resnet`` / ``test_vit`` at 32 px, a couple of steps): well under a minute."""
+    return BenchmarkConfig(
+        models=["test_resnet", "test_vit"],
+        image_size=32,
+        batch_size=4,
+        warmup_steps=1,
+        steps=2,
+        repeats=1,
+        penalty_iters=3,
+        bandwidth_numel=1 << 22,
+        fisher_models=["test_resnet", "test_vit"],
+        fisher_image_size=32,
+        fisher_samples=4,
+        fisher_classes=4,
+        fisher_repeats=1,
+        quick=True,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+def _log(message: str) -> None:
+    print(f"[benchmark {datetime.now().strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def _model_kwargs(name: str, image_size: int) -> dict[str, Any]:
+    """timm keyword arguments to build ``name`` for ``image_size`` inputs (ViTs need their patch grid)."""
+    return {"img_size": image_size} if "vit" in name or "deit" in name else {}
+
+
+def create_model(name: str, num_classes: int, image_size: int, seed: int) -> nn.Module:
+    """A randomly initialised timm classifier (``pretrained=False``: no download), seeded."""
+    import timm
+
+    torch.manual_seed(seed)
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, **_model_kwargs(name, image_size))
+
+
+class SyntheticImages(torch.utils.data.Dataset):
+    """``length`` samples cycling over a fixed pool of random images, with fixed labels (same for every run)."""
+
+    def __init__(self, length: int, image_size: int, num_classes: int, seed: int = 0, pool: int = 64):
+        g = torch.Generator().manual_seed(seed)
+        pool = min(pool, length)
+        self.length = length
+        self.x = torch.randn(pool, 3, image_size, image_size, generator=g)
+        self.y = torch.randint(0, num_classes, (pool,), generator=g)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.x[i % len(self.x)], "labels": self.y[i % len(self.y)]}
+
+
+def _read_first(path: str, key: str) -> str | None:
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.lower().startswith(key.lower()):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        return None
+    return None
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, memory, load and library versions of this machine."""
+    import timm
+    import transformers
+
+    import hf_sp
+
+    mem = _read_first("/proc/meminfo", "MemTotal")
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        affinity = os.cpu_count()
+    return {
+        "cpu_model": _read_first("/proc/cpuinfo", "model name") or platform.processor() or "unknown",
+        "cpu_count": os.cpu_count(),
+        "cpus_available": affinity,
+        "torch_threads": torch.get_num_threads(),
+        "memory_total": mem,
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "timm": timm.__version__,
+        "hf_sp": hf_sp.__version__,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# 1 + 2. Step time and peak memory: one subprocess per training run
+def _train_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """One training run (SPTrainer or Trainer) in this process: per-step times, optimizer-step times, peak RSS."""
+    import transformers
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from hf_sp import SPConfig, SPTrainer, split_parameters, wrap_timm_model
+    from hf_sp.regularizer import ANCHOR_KEY
+
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(spec["threads"])
+    sp = spec["mode"] == "sp"
+    model = wrap_timm_model(create_model(spec["model"], spec["num_classes"], spec["image_size"], spec["seed"]))
+    split = split_parameters(model)
+    params = dict(model.named_parameters())
+    anchored_numel = sum(params[n].numel() for n in split.anchored)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.steps: list[float] = []
+            self.optimizer_steps: list[float] = []
+            self._t0 = self._o0 = 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._t0 = time.perf_counter()
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            self._o0 = time.perf_counter()
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            self.optimizer_steps.append(time.perf_counter() - self._o0)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.steps.append(time.perf_counter() - self._t0)
+
+    total_steps = spec["warmup_steps"] + spec["steps"]
+    dataset = SyntheticImages(
+        spec["batch_size"] * total_steps, spec["image_size"], spec["num_classes"], seed=spec["seed"]
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        common = {
+            "output_dir": tmp,
+            "per_device_train_batch_size": spec["batch_size"],
+            "max_steps": total_steps,
+            "learning_rate": spec["learning_rate"],
+            "lr_scheduler_type": "constant",
+            "optim": "sgd",
+            "optim_args": "momentum=0.9",
+            "max_grad_norm": 0.0,
+            "weight_decay": 0.0,
+            "report_to": [],
+            "use_cpu": True,
+            "save_strategy": "no",
+            "logging_strategy": "no",
+            "disable_tqdm": True,
+            "dataloader_num_workers": 0,
+            "seed": spec["seed"],
+        }
+        args = SPConfig(**common, sp_penalty="l2_sp") if sp else TrainingArguments(**common)
+        timer = StepTimer()
+        trainer = (SPTrainer if sp else Trainer)(model=model, args=args, train_dataset=dataset, callbacks=[timer])
+        load_start = os.getloadavg()[0]
+        trainer.train()
+        load_end = os.getloadavg()[0]
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    anchor_bytes = sum(
+        s[ANCHOR_KEY].numel() * s[ANCHOR_KEY].element_size() for s in optimizer.state.values() if ANCHOR_KEY in s
+    )
+    return {
+        "model": spec["model"],
+        "mode": spec["mode"],
+        "repeat": spec["repeat"],
+        "steps_s": timer.steps,
+        "optimizer_steps_s": timer.optimizer_steps,
+        "warmup_steps": spec["warmup_steps"],
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rss_before_training_bytes": rss_before,
+        "anchored_numel": anchored_numel,
+        "anchored_tensors": len(split.anchored),
+        "anchor_bytes_in_optimizer_state": anchor_bytes,
+        "num_parameters": sum(p.numel() for p in params.values()),
+        "param_groups": len(optimizer.param_groups),
+        "load_average_start_end": [load_start, load_end],
+    }
+
+
+def _child_main(argv: Sequence[str]) -> None:
+    """Entry point of a training subprocess: ``python -m hf_sp.benchmark --child SPEC.json OUT.json``."""
+    spec = json.loads(Path(argv[0]).read_text())
+    result = _train_child(spec)
+    Path(argv[1]).write_text(json.dumps(result))
+
+
+def _run_child(spec: dict[str, Any], workdir: Path, index: int) -> dict[str, Any]:
+    spec_path, out_path, log_path = (workdir / f"run{index}.{s}" for s in ("spec.json", "out.json", "log"))
+    spec_path.write_text(json.dumps(spec))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.setdefault("OMP_NUM_THREADS", str(spec["threads"]))
+    cmd = [sys.executable, "-m", "hf_sp.benchmark", "--child", str(spec_path), str(out_path)]
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
+    if proc.returncode != 0 or not out_path.is_file():
+        tail = log_path.read_text()[-4000:]
+        raise RuntimeError(f"Training subprocess {spec['model']} / {spec['mode']} failed ({proc.returncode}):\n{tail}")
+    return json.loads(out_path.read_text())
+
+
+def _summarize_mode(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    measured = [r["steps_s"][r["warmup_steps"] :] for r in runs]
+    optimizer = [r["optimizer_steps_s"][r["warmup_steps"] :] for r in runs]
+    pooled = [t for ts in measured for t in ts]
+    pooled_opt = [t for ts in optimizer for t in ts]
+    return {
+        "step_s_per_run": [r["steps_s"] for r in runs],
+        "optimizer_step_s_per_run": [r["optimizer_steps_s"] for r in runs],
+        "run_median_step_s": [_median(ts) for ts in measured],
+        "median_step_s": _median(pooled),
+        "min_step_s": min(pooled) if pooled else float("nan"),
+        "median_optimizer_step_s": _median(pooled_opt),
+        "measured_steps": len(pooled),
+        "peak_rss_bytes_per_run": [r["peak_rss_bytes"] for r in runs],
+        "median_peak_rss_bytes": _median([r["peak_rss_bytes"] for r in runs]),
+        "load_average_per_run": [r["load_average_start_end"] for r in runs],
+    }
+
+
+def bench_step_time_and_memory(cfg: BenchmarkConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Sections 1 and 2: alternate SP / baseline training subprocesses (A B A B ...) for every model."""
+    runs: dict[str, dict[str, list]] = {m: {"sp": [], "baseline": []} for m in cfg.models}
+    order: list[str] = []
+    total = len(cfg.models) * 2 * cfg.repeats
+    done = 0
+    with tempfile.TemporaryDirectory(prefix="hf_sp_bench_") as tmp:
+        for repeat in range(cfg.repeats):
+            for model in cfg.models:
+                for mode in ("sp", "baseline"):
+                    spec = {
+                        "model": model,
+                        "mode": mode,
+                        "repeat": repeat,
+                        "image_size": cfg.image_size,
+                        "batch_size": cfg.batch_size,
+                        "num_classes": cfg.num_classes,
+                        "warmup_steps": cfg.warmup_steps,
+                        "steps": cfg.steps,
+                        "threads": cfg.threads,
+                        "seed": cfg.seed,
+                        "learning_rate": cfg.learning_rate,
+                    }
+                    t0 = time.perf_counter()
+                    result = _run_child(spec, Path(tmp), done)
+                    done += 1
+                    order.append(f"{model}:{mode}")
+                    runs[model][mode].append(result)
+                    measured = result["steps_s"][cfg.warmup_steps :]
+                    _log(
+                        f"step time [{done}/{total}] {model} {mode:8s} repeat {repeat + 1}/{cfg.repeats}: "
+                        f"median step {_median(measured):.3f} s, optimizer step "
+                        f"{_median(result['optimizer_steps_s'][cfg.warmup_steps :]):.4f} s, peak RSS "
+                        f"{result['peak_rss_bytes'] / 2**30:.2f} GiB ({time.perf_counter() - t0:.0f} s with start-up)"
+                    )
+    step, memory = {}, {}
+    for model, by_mode in runs.items():
+        sp, base = _summarize_mode(by_mode["sp"]), _summarize_mode(by_mode["baseline"])
+        overhead = 100.0 * (sp["median_step_s"] / base["median_step_s"] - 1.0)
+        paired = [
+            100.0 * (s / b - 1.0) for s, b in zip(sp["run_median_step_s"], base["run_median_step_s"], strict=True)
+        ]
+        opt_extra = sp["median_optimizer_step_s"] - base["median_optimizer_step_s"]
+        opt_overhead = 100.0 * opt_extra / base["median_step_s"]
+        first = by_mode["sp"][0]
+        step[model] = {
+            "sp": {k: v for k, v in sp.items() if "rss" not in k},
+            "baseline": {k: v for k, v in base.items() if "rss" not in k},
+            "overhead_pct": overhead,
+            "paired_overhead_pct_per_repeat": paired,
+            "median_paired_overhead_pct": _median(paired),
+            "optimizer_step_extra_s": opt_extra,
+            "optimizer_step_overhead_pct": opt_overhead,
+            "num_parameters": first["num_parameters"],
+            "target_pct": TARGETS["step_overhead_pct"],
+            "meets_target": overhead <= TARGETS["step_overhead_pct"],
+            "attributed_meets_target": opt_overhead <= TARGETS["step_overhead_pct"],
+        }
+        anchored_bytes = first["anchored_numel"] * 4
+        extra = sp["median_peak_rss_bytes"] - base["median_peak_rss_bytes"]
+        memory[model] = {
+            "sp_peak_rss_bytes_per_run": sp["peak_rss_bytes_per_run"],
+            "baseline_peak_rss_bytes_per_run": base["peak_rss_bytes_per_run"],
+            "sp_median_peak_rss_bytes": sp["median_peak_rss_bytes"],
+            "baseline_median_peak_rss_bytes": base["median_peak_rss_bytes"],
+            "overhead_bytes": extra,
+            "anchored_numel": first["anchored_numel"],
+            "anchored_tensors": first["anchored_tensors"],
+            "anchored_fp32_bytes": anchored_bytes,
+            "anchor_bytes_in_optimizer_state": first["anchor_bytes_in_optimizer_state"],
+            "overhead_in_anchor_copies": extra / anchored_bytes if anchored_bytes else float("nan"),
+            "target_anchor_copies": TARGETS["memory_overhead_anchor_copies"],
+            "meets_target": extra <= TARGETS["memory_overhead_anchor_copies"] * anchored_bytes,
+        }
+    step["_order"] = order
+    return step, memory
+
+
+# --------------------------------------------------------------------------------------------
+# 3. The penalty alone
+def measure_bandwidth(numel: int = 1 << 25, iters: int = 10) -> dict[str, float]:
+    """Streaming bandwidth of ``torch.add(a, b, out=c)`` on fp32 tensors far larger than the caches (GB/s)."""
+    a, b, c = (torch.rand(numel) for _ in range(3))
+    torch.add(a, b, out=c)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        torch.add(a, b, out=c)
+        times.append(time.perf_counter() - t0)
+    t = _median(times)
+    return {"numel": numel, "bytes_per_call": 3 * 4 * numel, "median_s": t, "GB_per_s": 3 * 4 * numel / t / 1e9}
+
+
+def _timeit(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _penalty_for_model(name: str, cfg: BenchmarkConfig, bandwidth: dict[str, float]) -> dict[str, Any]:
+    from hf_sp import get_penalty, split_parameters, wrap_timm_model
+    from hf_sp.regularizer import CHUNK_NUMEL, SPRegularizer, _chunks
+
+    model = wrap_timm_model(create_model(name, cfg.num_classes, cfg.image_size, cfg.seed))
+    split = split_parameters(model)
+    named = dict(model.named_parameters())
+    anchored = [named[n] for n in split.anchored]
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g)
+
+    # hf_sp's step path: a prepared optimizer whose first step captured the anchors.
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    reg = SPRegularizer("l2_sp", alpha=0.1, beta=0.01, split=split)
+    reg.prepare_optimizer(optimizer, model.named_parameters())
+    reg.capture_allowed = True
+    optimizer.step()
+    with torch.no_grad():  # move away from w0 so that w - w0 is not zero
+        for p in anchored:
+            p.add_(torch.randn(p.shape, generator=g), alpha=0.01)
+    anchors = [optimizer.state[p]["sp_anchor"] for p in anchored]
+    grads = [p.grad for p in anchored]
+    sizes = [p.numel() for p in anchored]
+    penalty = get_penalty("l2_sp")
+
+    def pre_step() -> None:
+        reg._pre_step(optimizer, (), {})
+        reg._records.clear()
+
+    @torch.no_grad()
+    def accumulate() -> None:
+        items = list(zip(anchored, anchors, grads, strict=True))
+        for chunk in _chunks(items, sizes, CHUNK_NUMEL):
+            w, w0, out = (list(t) for t in zip(*chunk, strict=True))
+            penalty.accumulate(w, w0, None, out, 1.0)
+
+    def autograd_loop() -> None:
+        loss = sum(0.5 * torch.norm(p - p0) ** 2 for p, p0 in zip(anchored, anchors, strict=True))
+        loss.backward()
+
+    # Same gradient (alpha = 1): the loop and hf_sp's kernel add w - w0 to the gradient.
+    start = [t.clone() for t in grads]
+    accumulate()
+    ours = [t.clone() for t in grads]
+    with torch.no_grad():
+        torch._foreach_copy_(grads, start)
+    autograd_loop()
+    grad_allclose = all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(ours, grads, strict=True))
+    max_abs_diff = max(float((a - b).abs().max()) for a, b in zip(ours, grads, strict=True))
+    del start, ours
+
+    methods = {"hf_sp_pre_step": pre_step, "l2_sp_accumulate": accumulate, "autograd_loop": autograd_loop}
+    for fn in methods.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in methods}
+    for _ in range(cfg.penalty_iters):  # interleaved
+        for key, fn in methods.items():
+            times[key].append(_timeit(fn))
+    numel = sum(sizes)
+    floor_bytes = FLOOR_BYTES_PER_ENTRY * numel
+    floor_s = floor_bytes / (bandwidth["GB_per_s"] * 1e9)
+    results = {}
+    for key, ts in times.items():
+        med = _median(ts)
+        results[key] = {
+            "times_s": ts,
+            "median_s": med,
+            "x_floor": med / floor_s,
+            "effective_GB_per_s": floor_bytes / med / 1e9,
+        }
+    loop = results["autograd_loop"]["median_s"]
+    speedup = {k: loop / results[k]["median_s"] for k in ("hf_sp_pre_step", "l2_sp_accumulate")}
+    return {
+        "anchored_tensors": len(anchored),
+        "anchored_numel": numel,
+        "new_tensors": len(split.new),
+        "floor_bytes": floor_bytes,
+        "floor_s": floor_s,
+        "methods": results,
+        "speedup_vs_loop": speedup,
+        "grad_allclose": grad_allclose,
+        "grad_max_abs_diff": max_abs_diff,
+        "target_speedup": TARGETS["penalty_speedup_vs_loop"],
+        "meets_target": speedup["hf_sp_pre_step"] >= TARGETS["penalty_speedup_vs_loop"],
+    }
+
+
+def bench_penalty_all(cfg: BenchmarkConfig) -> dict[str, Any]:
+    """Section 3 for every model, after measuring the streaming bandwidth."""
+    bandwidth = measure_bandwidth(cfg.bandwidth_numel)
+    _log(f"penalty: streaming bandwidth (torch.add, fp32) {bandwidth['GB_per_s']:.2f} GB/s")
+    out: dict[str, Any] = {"bandwidth": bandwidth}
+    for name in cfg.models:
+        r = _penalty_for_model(name, cfg, bandwidth)
+        out[name] = r
+        m = r["methods"]
+        _log(
+            f"penalty {name}: {r['anchored_numel']:,} anchored entries; hf_sp {m['hf_sp_pre_step']['median_s'] * 1e3:.1f}"
+            f" ms ({m['hf_sp_pre_step']['x_floor']:.2f}x floor), autograd loop {m['autograd_loop']['median_s'] * 1e3:.1f}"
+            f" ms, floor {r['floor_s'] * 1e3:.1f} ms; same gradient: {r['grad_allclose']}"
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Fisher estimation
+def fisher_loop(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The exact Fisher by a per-sample, per-class Python loop (what ``estimate_fisher`` vectorizes)."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
+    acc = [torch.zeros_like(p) for p in params]
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        for i in range(x.shape[0]):
+            log_probs = torch.log_softmax(model(x[i : i + 1]), dim=-1)[0]
+            probs = log_probs.detach().exp()
+            for k in range(log_probs.shape[0]):
+                grads = torch.autograd.grad(log_probs[k], params, retain_graph=True)
+                for a, gk in zip(acc, grads, strict=True):
+                    a.add_(gk.square(), alpha=float(probs[k]))
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+    return {n: a / x.shape[0] for n, a in zip(names, acc, strict=True)}
+
+
+def bench_fisher(cfg: BenchmarkConfig) -> dict[str, Any]:
+    """Section 4: ``estimate_fisher`` against the loop, same Fisher, interleaved repetitions."""
+    from hf_sp import estimate_fisher
+
+    out = {}
+    for name in cfg.fisher_models:
+        model = create_model(name, cfg.fisher_classes, cfg.fisher_image_size, cfg.seed)
+        x = torch.randn(
+            cfg.fisher_samples,
+            3,
+            cfg.fisher_image_size,
+            cfg.fisher_image_size,
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
+        vec_times, loop_times = [], []
+        vec = ref = None
+        for _ in range(cfg.fisher_repeats):
+            t0 = time.perf_counter()
+            vec = estimate_fisher(model, [x], progress=False)
+            vec_times.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            ref = fisher_loop(model, x)
+            loop_times.append(time.perf_counter() - t0)
+        assert vec is not None and ref is not None
+        close, max_rel = True, 0.0
+        for n, r in ref.items():
+            scale = float(r.abs().max())
+            close &= bool(torch.allclose(vec[n], r, rtol=1e-3, atol=1e-5 * scale + 1e-30))
+            max_rel = max(max_rel, float((vec[n] - r).abs().max()) / scale if scale > 0 else 0.0)
+        speedup = _median(loop_times) / _median(vec_times)
+        out[name] = {
+            "image_size": cfg.fisher_image_size,
+            "num_classes": cfg.fisher_classes,
+            "samples": cfg.fisher_samples,
+            "num_parameters": sum(p.numel() for p in model.parameters()),
+            "backward_passes_in_loop": cfg.fisher_samples * cfg.fisher_classes,
+            "vectorized_s_per_repeat": vec_times,
+            "loop_s_per_repeat": loop_times,
+            "vectorized_median_s": _median(vec_times),
+            "loop_median_s": _median(loop_times),
+            "speedup": speedup,
+            "allclose": close,
+            "max_rel_err": max_rel,
+            "target_speedup": TARGETS["fisher_speedup_vs_loop"],
+            "meets_target": speedup >= TARGETS["fisher_speedup_vs_loop"],
+        }
+        _log(
+            f"fisher {name}: estimate_fisher {_median(vec_times):.2f} s, per-sample loop {_median(loop_times):.2f} s "
+            f"(speed-up {speedup:.2f}x), same Fisher: {close} (max rel. err {max_rel:.1e})"
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+def _fmt_bytes(n: float) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "**no**"
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    """The Markdown report of a benchmark result (tables, command, machine, caveats)."""
+    meta, cfg = result["meta"], result["config"]
+    mach = meta["machine"]
+    lines = [
+        "# hf_sp cost benchmark",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        f"Machine: {mach['cpu_model']}, {mach['cpus_available']} CPU cores available ({mach['cpu_count']} in all), "
+        f"{mach['memory_total']} RAM, torch threads {cfg['threads']}; torch {mach['torch']}, transformers "
+        f"{mach['transformers']}, timm {mach['timm']}, Python {mach['python']}. Run {meta['started']} -> "
+        f"{meta['finished']} ({meta['duration_s'] / 60:.1f} min). Load average at start {meta['load_start']}, "
+        f"at end {meta['load_end']}.",
+        "",
+        "The machine was shared: other jobs ran on the same cores during the benchmark, so the end-to-end step "
+        "times carry run-to-run noise far larger than the effect measured. The optimizer-step column isolates the "
+        "part of the step that SP changes (its step pre-hook runs inside `optimizer.step()`).",
+        "",
+    ]
+    if cfg.get("quick"):
+        lines += ["**Quick smoke configuration: tiny models, numbers are not meaningful.**", ""]
+    step, memory = result.get("step_time"), result.get("memory")
+    if step:
+        lines += [
+            "## 1. Step time: SPTrainer (l2_sp, gradient mode) vs Trainer",
+            "",
+            f"Batch {cfg['batch_size']}, {cfg['image_size']} px, {cfg['num_classes']} classes, SGD momentum 0.9, "
+            f"no clipping, fp32 on CPU. Each run is a fresh subprocess; SP and baseline runs alternate "
+            f"(A B A B ...), {cfg['repeats']} runs each, {cfg['warmup_steps']} warm-up step(s) dropped and "
+            f"{cfg['steps']} measured per run; medians over the pooled measured steps.",
+            "",
+            "| model | params | baseline step | SP step | overhead (end to end) | median paired overhead "
+            "| baseline optimizer step | SP optimizer step | SP cost attributed (opt. step diff / step) "
+            f"| target <= {TARGETS['step_overhead_pct']:g}% |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for model, r in step.items():
+            if model.startswith("_"):
+                continue
+            lines.append(
+                f"| {model} | {r['num_parameters'] / 1e6:.1f} M | {r['baseline']['median_step_s']:.3f} s "
+                f"| {r['sp']['median_step_s']:.3f} s | {r['overhead_pct']:+.2f}% "
+                f"| {r['median_paired_overhead_pct']:+.2f}% "
+                f"| {r['baseline']['median_optimizer_step_s'] * 1e3:.1f} ms "
+                f"| {r['sp']['median_optimizer_step_s'] * 1e3:.1f} ms | {r['optimizer_step_overhead_pct']:+.2f}% "
+                f"| end to end: {_yes(r['meets_target'])}; attributed: {_yes(r['attributed_meets_target'])} |"
+            )
+        lines.append("")
+    if memory:
+        lines += [
+            "## 2. Peak memory (ru_maxrss of each training subprocess)",
+            "",
+            "| model | anchored tensors | anchored fp32 bytes (one copy) | baseline peak RSS | SP peak RSS "
+            "| SP - baseline | in anchor copies | target <= 1 copy |",
+            "|---|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for model, r in memory.items():
+            lines.append(
+                f"| {model} | {r['anchored_tensors']} ({r['anchored_numel'] / 1e6:.1f} M entries) "
+                f"| {_fmt_bytes(r['anchored_fp32_bytes'])} | {_fmt_bytes(r['baseline_median_peak_rss_bytes'])} "
+                f"| {_fmt_bytes(r['sp_median_peak_rss_bytes'])} | {r['overhead_bytes'] / 2**20:+,.0f} MiB "
+                f"| {r['overhead_in_anchor_copies']:.2f} | {_yes(r['meets_target'])} |"
+            )
+        lines += ["", "Medians over the runs of section 1 (peak RSS per run is in the JSON).", ""]
+    pen = result.get("penalty")
+    if pen:
+        bw = pen["bandwidth"]
+        lines += [
+            "## 3. The penalty alone: value + gradient of l2_sp over the anchored tensors",
+            "",
+            f"Streaming bandwidth: {bw['GB_per_s']:.2f} GB/s (`torch.add(a, b, out=c)`, {bw['numel']:,} fp32 "
+            f"entries per tensor, 12 bytes per entry). Floor = {FLOOR_BYTES_PER_ENTRY} bytes per anchored entry "
+            "(read w, w0, grad; write grad) / that bandwidth. Medians of "
+            f"{cfg['penalty_iters']} interleaved calls each.",
+            "",
+            "| model | anchored entries | floor | hf_sp `_pre_step` | `l2_sp.accumulate` | autograd loop "
+            "| speed-up vs loop (`_pre_step`) | same gradient | target >= "
+            f"{TARGETS['penalty_speedup_vs_loop']:g}x |",
+            "|---|---:|---:|---:|---:|---:|---:|---|---|",
+        ]
+        for model, r in pen.items():
+            if model == "bandwidth":
+                continue
+            m = r["methods"]
+
+            def cell(key: str, m=m) -> str:
+                return f"{m[key]['median_s'] * 1e3:.1f} ms ({m[key]['x_floor']:.2f}x floor)"
+
+            lines.append(
+                f"| {model} | {r['anchored_numel'] / 1e6:.1f} M | {r['floor_s'] * 1e3:.1f} ms "
+                f"| {cell('hf_sp_pre_step')} | {cell('l2_sp_accumulate')} | {cell('autograd_loop')} "
+                f"| {r['speedup_vs_loop']['hf_sp_pre_step']:.2f}x | {_yes(r['grad_allclose'])} "
+                f"| {_yes(r['meets_target'])} |"
+            )
+        lines += [
+            "",
+            "`_pre_step` also applies the beta term to the new head (a few thousand entries) and records the "
+            "logged values; `accumulate` is the anchored body alone. The loop is "
+            "`sum(0.5 * torch.norm(p - p0) ** 2 ...).backward()`.",
+            "",
+        ]
+    fisher = result.get("fisher")
+    if fisher:
+        lines += [
+            "## 4. Fisher estimation: `estimate_fisher` (torch.func) vs per-sample, per-class loop",
+            "",
+            "| model | image | classes | samples | params | estimate_fisher | loop | speed-up | same Fisher "
+            f"(max rel. err) | target >= {TARGETS['fisher_speedup_vs_loop']:g}x |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        ]
+        for model, r in fisher.items():
+            lines.append(
+                f"| {model} | {r['image_size']} px | {r['num_classes']} | {r['samples']} "
+                f"| {r['num_parameters'] / 1e6:.2f} M | {r['vectorized_median_s']:.2f} s | {r['loop_median_s']:.2f} s "
+                f"| {r['speedup']:.2f}x | {_yes(r['allclose'])} ({r['max_rel_err']:.1e}) | {_yes(r['meets_target'])} |"
+            )
+        lines += [
+            "",
+            f"Medians of {cfg['fisher_repeats']} interleaved repetitions; all parameters, exact Fisher over all "
+            "classes.",
+            "",
+        ]
+    if result.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in result["notes"]] + [""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+def run_benchmark(cfg: BenchmarkConfig, out_dir: str | os.PathLike, command: str, notes: Sequence[str] = ()) -> dict:
+    """Run the selected sections, write ``benchmark.json`` and ``benchmark.md`` in ``out_dir``, return the result."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(cfg.threads)
+    unknown = set(cfg.sections) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"Unknown sections {sorted(unknown)}; choose from {SECTIONS}.")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = datetime.now(timezone.utc)
+    t0 = time.perf_counter()
+    load_start = [round(v, 2) for v in os.getloadavg()]
+    _log(f"start: {command} (load average {load_start})")
+    result: dict[str, Any] = {
+        "meta": {"command": command, "started": started.isoformat(timespec="seconds"), "machine": machine_info()},
+        "config": asdict(cfg),
+        "targets": TARGETS,
+    }
+    if "step" in cfg.sections:
+        result["step_time"], result["memory"] = bench_step_time_and_memory(cfg)
+    if "penalty" in cfg.sections:
+        result["penalty"] = bench_penalty_all(cfg)
+    if "fisher" in cfg.sections:
+        result["fisher"] = bench_fisher(cfg)
+    result["meta"].update(
+        finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        duration_s=time.perf_counter() - t0,
+        load_start=load_start,
+        load_end=[round(v, 2) for v in os.getloadavg()],
+    )
+    result["notes"] = list(notes)
+    (out / "benchmark.json").write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
+    (out / "benchmark.md").write_text(render_markdown(result))
+    _log(f"done in {result['meta']['duration_s'] / 60:.1f} min: {out / 'benchmark.json'}, {out / 'benchmark.md'}")
+    return result
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return str(obj)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line options of ``scripts/benchmark.py`` (every one overrides the full or quick configuration)."""
+    parser = argparse.ArgumentParser(
+        description="Cost benchmark of hf_sp: step time, peak memory, penalty kernel, Fisher estimation."
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny smoke configuration (test_resnet/test_vit, 32 px)")
+    parser.add_argument("--out", default="results/benchmark", help="output folder (benchmark.json, benchmark.md)")
+    parser.add_argument("--models", nargs="+", help="timm models for step time, memory and penalty")
+    parser.add_argument("--repeats", type=int, help="training runs per mode and model (alternated SP / baseline)")
+    parser.add_argument("--image_size", type=int)
+    parser.add_argument("--batch_size", type=int)
+    parser.add_argument("--steps", type=int, help="measured steps per training run")
+    parser.add_argument("--warmup_steps", type=int, help="steps dropped at the start of each run")
+    parser.add_argument("--threads", type=int, help="torch threads (default 2)")
+    parser.add_argument("--penalty_iters", type=int, help="timed calls per penalty implementation")
+    parser.add_argument("--fisher_models", nargs="+")
+    parser.add_argument("--fisher_image_size", type=int)
+    parser.add_argument("--fisher_samples", type=int)
+    parser.add_argument("--fisher_classes", type=int)
+    parser.add_argument("--fisher_repeats", type=int)
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, help="subset of sections (step includes memory)")
+    parser.add_argument("--note", action="append", default=[], help="a note for the report (repeatable)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:
+    """The quick or full configuration, with the options given on the command line."""
+    cfg = quick_config() if args.quick else full_config()
+    overrides = {
+        k: getattr(args, k)
+        for k in (
+            "models",
+            "repeats",
+            "image_size",
+            "batch_size",
+            "steps",
+            "warmup_steps",
+            "threads",
+            "penalty_iters",
+            "fisher_models",
+            "fisher_image_size",
+            "fisher_samples",
+            "fisher_classes",
+            "fisher_repeats",
+            "sections",
+        )
+        if getattr(args, k, None) is not None
+    }
+    cfg = replace(cfg, **overrides)
+    for name in ("repeats", "steps", "batch_size", "image_size", "threads", "penalty_iters", "fisher_repeats"):
+        if getattr(cfg, name) < 1:
+            raise SystemExit(f"--{name} must be >= 1")
+    if cfg.warmup_steps < 0:
+        raise SystemExit("--warmup_steps must be >= 0")
+    return cfg
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "scripts/benchmark.py") -> dict:
+    """Parse ``argv`` (default ``sys.argv[1:]``), run the benchmark, return its result."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    command = " ".join(["python", prog, *map(shlex.quote, argv)])
+    return run_benchmark(cfg, args.out, command, notes=args.note)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        _child_main(sys.argv[2:])
+    else:
+        main(prog="-m hf_sp.benchmark")
