@@ -10,6 +10,8 @@ import torch
 from torch.utils.data import Dataset
 from transformers import ViTConfig, ViTForImageClassification
 
+from hf_sp import SPConfig
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
@@ -75,6 +77,27 @@ def tiny_timm_vit(seed: int = 0, num_classes: int = NUM_CLASSES) -> torch.nn.Mod
 def tiny_timm_cnn(seed: int = 0, num_classes: int = NUM_CLASSES) -> torch.nn.Module:
     torch.manual_seed(seed)
     return timm.create_model("test_resnet", pretrained=False, num_classes=num_classes)
+
+
+def make_args(tmp_path, **kwargs) -> SPConfig:
+    """Deterministic full-batch SGD without clipping: runs that a hand-written loop can reproduce exactly."""
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        logging_steps=1,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        learning_rate=0.05,
+        per_device_train_batch_size=16,
+        max_steps=3,
+        seed=0,
+    )
+    defaults.update(kwargs)
+    return SPConfig(**defaults)
 
 
 @pytest.fixture

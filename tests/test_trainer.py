@@ -8,33 +8,13 @@ import math
 
 import pytest
 import torch
-from conftest import RandomImages, tiny_timm_cnn, tiny_timm_vit, tiny_vit
+from conftest import RandomImages, make_args, tiny_timm_cnn, tiny_timm_vit, tiny_vit
 from formulas import penalty_formula
 from transformers import TrainerCallback
 
-from hf_sp import SPConfig, SPTrainer, list_penalties, save_fisher, split_parameters
+from hf_sp import SPTrainer, list_penalties, save_fisher, split_parameters
 from hf_sp.models import is_timm_model, wrap_timm_model
 from hf_sp.regularizer import ANCHOR_KEY, MissingAnchorError
-
-
-def make_args(tmp_path, **kwargs) -> SPConfig:
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        save_strategy="no",
-        logging_steps=1,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-        learning_rate=0.05,
-        per_device_train_batch_size=16,
-        max_steps=3,
-        seed=0,
-    )
-    defaults.update(kwargs)
-    return SPConfig(**defaults)
 
 
 def as_hf(model):

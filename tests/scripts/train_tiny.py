@@ -14,28 +14,20 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import RandomImages, tiny_timm_vit  # noqa: E402
+from conftest import RandomImages, make_args, tiny_timm_vit  # noqa: E402
 
-from hf_sp import SPConfig, SPTrainer  # noqa: E402
+from hf_sp import SPTrainer  # noqa: E402
 
 
 def main() -> None:
     out, batch = Path(sys.argv[1]), int(sys.argv[2])
     penalty = sys.argv[3] if len(sys.argv) > 3 else "l2_sp"
-    args = SPConfig(
+    args = make_args(
+        out.parent,
         output_dir=str(out),
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        save_strategy="no",
-        logging_steps=1,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
         learning_rate=0.1,
         per_device_train_batch_size=batch,
         max_steps=4,
-        seed=0,
         # gloo: the CPU process group (transformers does not pick it by itself on CPU)
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         sp_penalty=penalty,
