@@ -121,6 +121,12 @@ class SPTrainer(Trainer):
         reg = self.sp_regularizer
         if reg is None:
             return optimizer
+        if not self._sp_resuming and not reg.capture_allowed:
+            raise MissingAnchorError(
+                "This model was already fine-tuned by an SPTrainer: its weights are no longer the pretrained "
+                "starting point, and anchoring on them would silently change the method. Continue with "
+                "train(resume_from_checkpoint=...), or build the model again from its pretrained weights."
+            )
         if reg.info.needs_fisher and not reg.fisher and reg.capture_allowed:
             reg.fisher = self._sp_estimate_fisher(reg.split)
         reg.prepare_optimizer(raw, opt_model.named_parameters())

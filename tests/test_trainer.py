@@ -150,6 +150,14 @@ def test_second_train_call_keeps_the_original_anchor(tmp_path):
         assert torch.equal(optimizer.state[p][ANCHOR_KEY], start[name])
 
 
+def test_a_new_trainer_on_an_already_fine_tuned_model_is_refused(tmp_path):
+    model = tiny_vit()
+    SPTrainer(model=model, args=make_args(tmp_path / "a"), train_dataset=RandomImages()).train()
+    again = SPTrainer(model=model, args=make_args(tmp_path / "b"), train_dataset=RandomImages())
+    with pytest.raises(MissingAnchorError, match="already fine-tuned"):
+        again.train()
+
+
 def test_model_init_reanchors_each_trial_on_its_fresh_model(tmp_path):
     """hyperparameter_search calls train() with model_init for each trial: each trial anchors on its new model."""
     seeds = itertools.count(1)
