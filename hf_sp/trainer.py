@@ -238,7 +238,8 @@ class SPTrainer(Trainer):
         config = getattr(model, "config", None)
         args, reg = self.args, self.sp_regularizer
         distance = None
-        if reg is not None and self.optimizer is not None:
+        # Sharded engines hold shard-local anchors; the card is written by one rank, so it leaves the distance out.
+        if reg is not None and self.optimizer is not None and not (self.is_fsdp_enabled or self.is_deepspeed_enabled):
             distance = reg.distance(getattr(self.optimizer, "optimizer", self.optimizer))
         metrics: dict[str, float] = {}
         for entry in self.state.log_history:
