@@ -117,7 +117,6 @@ class SPConfig(TrainingArguments):
                 f"{self.sp_penalty!r}. Remove them or change sp_penalty."
             )
 
-
     def __getstate__(self) -> dict:
         # Trainer pickles the arguments into training_args.bin, in every checkpoint, and pushes them to the Hub:
         # the token must not travel with them.
