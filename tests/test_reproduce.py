@@ -1,0 +1,251 @@
+"""The reproduction sweep: a tiny end-to-end run, resume, selection, Fisher names, configs of the paper."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from hf_sp import reproduce
+from hf_sp.finetune import parse_args as finetune_parse_args
+from hf_sp.reproduce import RunSpec, SweepConfig, map_fisher_names, normalize_fisher, parse_args, select_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_tree(root: Path, classes=("a", "b", "c"), n: int = 4) -> Path:
+    """An imagefolder tree root/{train,val,test}/<class>/<i>.png whose classes differ by colour."""
+    for split in ("train", "val", "test"):
+        for k, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (40, 40), color=(110 * k, 20 * i, 200 - 90 * k)).save(folder / f"{i}.png")
+    return root
+
+
+def tiny_config(tmp_path: Path, **overrides) -> SweepConfig:
+    values = dict(
+        data_dir=str(make_tree(tmp_path / "data")),
+        output_dir=str(tmp_path / "sweep"),
+        methods=["l2", "l2_sp"],
+        alpha_grid={"l2": [1e-3], "l2_sp": [0.1]},
+        seeds=[0, 1],
+        image_size=32,
+        num_train_epochs=1,
+        batch_size=4,
+        eval_batch_size=8,
+        probe_c_grid=[1.0],
+        diagnostic_images=6,
+        extra_args=["--disable_tqdm", "true", "--use_cpu"],
+    )
+    values.update(overrides)
+    return SweepConfig(**values)
+
+
+@pytest.mark.slow
+def test_sweep_end_to_end_and_resume(tmp_path, monkeypatch):
+    config = tiny_config(tmp_path)
+    out = Path(config.output_dir)
+    report = reproduce.run_sweep(config, command="scripts/reproduce.py --test")
+
+    # every planned run wrote its result; the grid's seed-0 run is reused as the chosen setting's first seed
+    names = [r["method"] + "/" + str(r["seed"]) for r in report["runs"]]
+    assert sorted(names) == ["l2/0", "l2/1", "l2_sp/0", "l2_sp/1"]
+    for run in report["runs"]:
+        assert run["status"] == "ok" and 0 <= run["test_accuracy"] <= 1 and 0 <= run["val_accuracy"] <= 1
+        assert run["sp_rel_dist"] > 0 and run["wall_time"] > 0
+        assert {"method", "alpha", "beta", "lr", "seed", "sp_dist", "train_runtime"} <= set(run)
+        run_dir = out / run["run_dir"]
+        assert (run_dir / "run_result.json").is_file()
+        assert not list(run_dir.glob("checkpoint-*"))  # no checkpoint left once a run is done
+    assert set(report["summary"]) == {"l2", "l2_sp"} and report["summary"]["l2_sp"]["n"] == 2
+    assert 0 <= report["linear_probe"]["test_accuracy"] <= 1
+    # written files
+    saved = json.loads((out / "results.json").read_text())
+    assert len(saved["runs"]) == 4 and saved["command"] == "scripts/reproduce.py --test"
+    assert saved["machine"]["cores"] >= 1
+    table = (out / "results.md").read_text()
+    assert "| L2 |" in table and "| L2-SP |" in table and "linear probe" in table
+    assert (out / "results.png").stat().st_size > 1000
+    assert (out / "diagnostics.png").is_file()
+    diag = json.loads((out / "diagnostics.json").read_text())
+    assert set(diag["feature_r2_identity"]) == {"L2", "L2-SP"}
+    # only the chosen runs' first seed keeps its weights (for diagnostics)
+    kept = sorted(p.parent.name for p in (out / "runs").glob("*/model.safetensors"))
+    assert kept == sorted(RunSpec(m, a, 0.01, 0.01, 0).name for m, a in (("l2", 1e-3), ("l2_sp", 0.1)))
+
+    # a second invocation trains nothing
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(reproduce, "train_one", no_training)
+    again = reproduce.run_sweep(config)
+    assert [r["test_accuracy"] for r in again["runs"]] == [r["test_accuracy"] for r in report["runs"]]
+
+    # a run killed before it finished (no result file) is the only one trained again
+    lost = out / report["runs"][-1]["run_dir"]
+    (lost / "run_result.json").unlink()
+    calls = []
+    monkeypatch.undo()
+    real = reproduce.train_one
+
+    def counting(config, spec, run_dir, fisher_path):
+        calls.append(spec.name)
+        return real(config, spec, run_dir, fisher_path)
+
+    monkeypatch.setattr(reproduce, "train_one", counting)
+    reproduce.run_sweep(config)
+    assert calls == [lost.name]
+    assert (lost / "run_result.json").is_file()
+
+
+def test_a_changed_budget_is_refused(tmp_path):
+    config = tiny_config(tmp_path)
+    Path(config.output_dir).mkdir(parents=True)
+    reproduce._check_budget(config, Path(config.output_dir))
+    other = tiny_config(tmp_path / "again", image_size=48)
+    other.output_dir = config.output_dir
+    with pytest.raises(ValueError, match="another budget .*image_size"):
+        reproduce._check_budget(other, Path(config.output_dir))
+
+
+def test_selection_on_val_skips_diverged_runs(tmp_path):
+    config = tiny_config(tmp_path, alpha_grid={"l2": [1e-4, 1e-3], "l2_sp": [0.01, 0.1, 1.0]})
+    results = {
+        RunSpec("l2", 1e-4, 0.01, 0.01, 0).name: {"status": "ok", "val_accuracy": 0.5},
+        RunSpec("l2", 1e-3, 0.01, 0.01, 0).name: {"status": "ok", "val_accuracy": 0.5},  # tie: first kept
+        RunSpec("l2_sp", 0.01, 0.01, 0.01, 0).name: {"status": "ok", "val_accuracy": 0.6},
+        RunSpec("l2_sp", 0.1, 0.01, 0.01, 0).name: {"status": "ok", "val_accuracy": 0.7},
+        RunSpec("l2_sp", 1.0, 0.01, 0.01, 0).name: {"status": "diverged", "val_accuracy": None},
+    }
+    chosen = select_settings(config, results)
+    assert chosen["l2"].alpha == 1e-4 and chosen["l2_sp"].alpha == 0.1
+    assert [s.seed for s in reproduce.seed_runs(config, chosen)] == [1, 1]
+
+
+def test_command_line_yaml_and_grids(tmp_path):
+    data = make_tree(tmp_path / "data")
+    yaml_file = tmp_path / "sweep.yaml"
+    yaml_file.write_text(
+        f"data_dir: {data}\noutput_dir: {tmp_path / 'o'}\nmethods: [l2, l2_sp_fisher]\n"
+        "alpha_grid: {l2_sp_fisher: [0.01, 0.1]}\nimage_size: 64\n"
+    )
+    config = parse_args(["--config", str(yaml_file), "--seeds", "3", "4", "--alpha_grid", "l2=1e-5,1e-4"])
+    assert config.methods == ["l2", "l2_sp_fisher"] and config.image_size == 64 and config.seeds == [3, 4]
+    assert config.alpha_grid["l2"] == [1e-5, 1e-4] and config.alpha_grid["l2_sp_fisher"] == [0.01, 0.1]
+    assert config.alpha_grid["l2_sp"] == reproduce.DEFAULT_ALPHA_GRID["l2_sp"]  # untouched methods keep defaults
+    with pytest.raises(ValueError, match="METHOD=A,B,C"):
+        parse_args(["--data_dir", str(data), "--output_dir", "o", "--alpha_grid", "0.1"])
+    with pytest.raises(ValueError, match="not penalties"):
+        parse_args(["--data_dir", str(data), "--output_dir", "o", "--methods", "l3"])
+    with pytest.raises(ValueError, match="has no train/ folder"):
+        parse_args(["--data_dir", str(tmp_path), "--output_dir", "o"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data_dir: x\nalpha: 1\n")
+    with pytest.raises(ValueError, match=r"unknown options: \['alpha'\]"):
+        parse_args(["--config", str(bad)])
+
+
+def test_each_run_is_the_finetune_cli_with_the_sweeps_budget(tmp_path):
+    config = tiny_config(tmp_path, methods=["l2_sp_fisher"], alpha_grid={"l2_sp_fisher": [0.1]})
+    spec = RunSpec("l2_sp_fisher", 0.1, 0.01, 0.02, 3)
+    fisher = tmp_path / "fisher.safetensors"
+    argv = reproduce.finetune_argv(config, spec, tmp_path / "run", fisher)
+    model_args, data_args, args = finetune_parse_args(argv)
+    assert (args.sp_penalty, args.sp_alpha, args.sp_beta, args.learning_rate, args.seed) == (
+        "l2_sp_fisher",
+        0.1,
+        0.01,
+        0.02,
+        3,
+    )
+    assert args.sp_fisher_path == str(fisher) and args.num_train_epochs == 1 and model_args.image_size == 32
+    assert args.eval_strategy == "no" and args.save_total_limit == 1 and args.use_cpu
+    assert data_args.validation_dir.endswith("val") and data_args.test_dir.endswith("test")
+
+
+def test_fisher_names_and_normalization():
+    from conftest import tiny_timm_cnn
+
+    from hf_sp.models import wrap_timm_model
+
+    target = wrap_timm_model(tiny_timm_cnn())
+    names = [n for n, _ in target.named_parameters() if n.endswith("conv1.weight")]
+    raw = {n.removeprefix("timm_model."): torch.full_like(p, 2.0) for n, p in target.named_parameters()}
+    mapped = map_fisher_names(raw, target, names)  # a raw timm Fisher serves the wrapped target
+    assert list(mapped) == names
+    with pytest.raises(ValueError, match="no entry"):
+        map_fisher_names({}, target, names)
+    with pytest.raises(ValueError, match="shape"):
+        map_fisher_names({n.removeprefix("timm_model."): torch.ones(1) for n in names}, target, names)
+    fisher = {"a": torch.tensor([1.0, 3.0]), "b": torch.tensor([0.0, 0.0, 8.0, 0.0])}  # mean 2
+    normed, stats = normalize_fisher(fisher, "mean", clip=3.0)
+    assert normed["a"].tolist() == [0.5, 1.5] and normed["b"].tolist() == [0.0, 0.0, 3.0, 0.0]
+    assert stats["raw_mean"] == 2.0 and stats["max_over_mean"] == 4.0 and stats["clipped_fraction"] == 1 / 6
+    raw_f, _ = normalize_fisher(fisher, "none")
+    assert raw_f["b"].tolist() == [0.0, 0.0, 8.0, 0.0]
+
+
+# ------------------------------------------------------------------------------------------------ paper configs
+PAPER_CONFIGS = sorted((ROOT / "configs").glob("paper_*.yaml"))
+
+
+def test_paper_configs_exist():
+    assert ROOT / "configs" / "paper_resnet101_stanford_dogs.yaml" in PAPER_CONFIGS
+
+
+@pytest.mark.parametrize("path", PAPER_CONFIGS, ids=lambda p: p.stem)
+def test_paper_config_is_the_papers_protocol(path):
+    model_args, data_args, args = finetune_parse_args(["--config", str(path)])
+    assert model_args.model_name_or_path == "timm/resnet101.tv_in1k"  # torchvision's ImageNet ResNet-101
+    assert data_args.dataset_name and "/" in data_args.dataset_name and data_args.train_dir is None
+    assert model_args.image_size == 224
+    assert args.per_device_train_batch_size == 64 and args.max_steps == 9000
+    assert args.optim == "sgd" and "momentum=0.9" in args.optim_args and args.weight_decay == 0
+    assert args.sp_penalty in ("l2_sp", "l2") and args.sp_alpha > 0 and args.sp_beta > 0
+    assert args.lr_scheduler_type == "warmup_stable_decay"
+
+
+@pytest.mark.parametrize("path", PAPER_CONFIGS, ids=lambda p: p.stem)
+def test_paper_schedule_drops_the_learning_rate_tenfold_at_6000(path):
+    from transformers.optimization import get_scheduler
+
+    _, _, args = finetune_parse_args(["--config", str(path)])
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
+    scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=args.get_warmup_steps(args.max_steps),
+        num_training_steps=args.max_steps,
+        scheduler_specific_kwargs=args.lr_scheduler_kwargs,
+    )
+    lrs = []
+    for _ in range(args.max_steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    lr = args.learning_rate
+    assert lrs[0] == lrs[5999] == pytest.approx(lr)
+    assert lrs[6000] == lrs[8999] == pytest.approx(lr / 10)
+
+
+def test_pause_while_another_process_runs():
+    import subprocess
+    import sys
+    import time
+
+    marker = "hf_sp_test_pause_marker_7f3a"
+    assert reproduce.wait_while_running(marker, poll_seconds=0.1) < 0.1  # nothing to wait for
+    assert reproduce.wait_while_running(None) == 0.0
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)", marker])
+    try:
+        time.sleep(0.3)  # let it start
+        waited = reproduce.wait_while_running(marker, poll_seconds=0.1)
+    finally:
+        child.kill()
+        child.wait()
+    assert waited >= 0.8
