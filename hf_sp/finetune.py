@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 import transformers
-import yaml
 from transformers import HfArgumentParser
 from transformers.trainer_utils import get_last_checkpoint
 
+from ._cli import apply_yaml_config
 from .config import SPConfig
 from .data import DIGITS, attach_transform, build_transforms, check_images, collate, load_image_dataset
 from .hub import PushError
@@ -155,19 +155,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     """Parse the command line (and ``--config``), filling in an output folder when none is given."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    apply_yaml_config(parser, argv, known={action.dest for action in parser._actions})
     pre, _ = parser.parse_known_args(argv)
-    if pre.config:
-        path = Path(pre.config)
-        if not path.is_file():
-            raise ValueError(f"--config {pre.config!r} does not exist.")
-        values = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"--config {pre.config!r} must hold a mapping of argument names to values.")
-        known = {action.dest for action in parser._actions}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"--config {pre.config!r} has unknown arguments: {unknown}.")
-        parser.set_defaults(**values)
     if "--output_dir" not in argv and not (pre.config and parser.get_default("output_dir")):
         name = Path(pre.model_name_or_path).name.replace(":", "-")
         argv += ["--output_dir", str(Path("outputs") / f"{name}-{pre.sp_penalty}")]

@@ -55,6 +55,7 @@ import torch
 import yaml
 from torch import nn
 
+from ._cli import apply_yaml_config
 from .loading import PACKAGED_LITE0
 
 logger = logging.getLogger("hf_sp.reproduce")
@@ -1170,19 +1171,7 @@ def parse_args(argv: Sequence[str] | None = None) -> SweepConfig:
     """A :class:`SweepConfig` from the command line and ``--config``."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    pre, _ = parser.parse_known_args(argv)
-    if pre.config:
-        path = Path(pre.config)
-        if not path.is_file():
-            raise ValueError(f"--config {pre.config!r} does not exist.")
-        values = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"--config {pre.config!r} must hold a mapping of option names to values.")
-        known = {f.name for f in dataclasses.fields(SweepConfig)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"--config {pre.config!r} has unknown options: {unknown}.")
-        parser.set_defaults(**values)
+    apply_yaml_config(parser, argv, known={f.name for f in dataclasses.fields(SweepConfig)})
     namespace = vars(parser.parse_args(argv))
     config_file = namespace.pop("config")
     if config_file and isinstance(namespace["alpha_grid"], list):

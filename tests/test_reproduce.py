@@ -146,7 +146,7 @@ def test_command_line_yaml_and_grids(tmp_path):
         parse_args(["--data_dir", str(tmp_path), "--output_dir", "o"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("data_dir: x\nalpha: 1\n")
-    with pytest.raises(ValueError, match=r"unknown options: \['alpha'\]"):
+    with pytest.raises(ValueError, match=r"unknown arguments: \['alpha'\]"):
         parse_args(["--config", str(bad)])
 
 
