@@ -723,7 +723,7 @@ def train_one(config: SweepConfig, spec: RunSpec, run_dir: Path, fisher_path: Pa
 
 
 class _Progress:
-    """Index/total and an ETA from the runs trained in this invocation."""
+    """Index/total and an ETA from the runs trained in this invocation (median duration: robust to pauses)."""
 
     def __init__(self, total: int):
         self.total, self.index, self.durations = total, 0, []
@@ -732,7 +732,7 @@ class _Progress:
     def line(self, spec: RunSpec, stage: str) -> str:
         self.index += 1
         remaining = self.total - self.index + 1
-        eta = _fmt_minutes(statistics.mean(self.durations) * remaining) if self.durations else "after the first run"
+        eta = _fmt_minutes(statistics.median(self.durations) * remaining) if self.durations else "after the first run"
         return (
             f"[{self.index}/{self.total}] {stage}: {spec.method} alpha={spec.alpha:g} beta={spec.beta:g} "
             f"lr={spec.lr:g} seed={spec.seed} (elapsed {_fmt_minutes(time.perf_counter() - self.start)}, ETA {eta})"
