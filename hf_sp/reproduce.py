@@ -86,6 +86,8 @@ PRETTY = {
 }
 
 RESULT_FILE = "run_result.json"
+#: Where runs are trained again for the diagnostics when an earlier invocation deleted their weights.
+DIAGNOSTIC_RUNS = "diagnostic_runs"
 FISHER_FILE = "fisher.safetensors"
 
 #: Fields of :class:`SweepConfig` that define the training budget: a sweep folder holds runs of one budget only.
@@ -197,6 +199,14 @@ class SweepConfig:
         default=True, metadata={"help": "Per-layer distance and feature R^2 of the chosen runs (first seed)."}
     )
     diagnostic_images: int = field(default=64, metadata={"help": "Validation images for the feature R^2."})
+    diagnostic_extra: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "More grid points (first seed, first beta and lr) to show in the diagnostics beside the chosen "
+            "runs, as METHOD=ALPHA, e.g. l2_sp=1 (a strong pull toward w0) l2=0.01; their weights are kept.",
+            "nargs": "*",
+        },
+    )
     keep_weights: str = field(
         default="selected",
         metadata={
@@ -238,6 +248,17 @@ class SweepConfig:
             raise ValueError(f"lr_grid values must be > 0, got {self.lr_grid}.")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct, got {self.seeds}.")
+        for item in self.diagnostic_extra:
+            method, _, alpha = item.partition("=")
+            try:
+                value = float(alpha)
+            except ValueError:
+                value = None
+            if method not in self.methods or value not in self.alpha_grid[method]:
+                raise ValueError(
+                    f"diagnostic_extra {item!r} must be METHOD=ALPHA for a method and alpha of the grid "
+                    f"(methods {self.methods}), e.g. l2_sp={self.alpha_grid.get('l2_sp', [1.0])[-1]:g}."
+                )
         if self.fisher_normalize not in ("mean", "none"):
             raise ValueError(f"fisher_normalize must be 'mean' or 'none', got {self.fisher_normalize!r}.")
         if self.fisher_clip is not None and self.fisher_clip <= 0:
@@ -973,8 +994,19 @@ def plot_results(config: SweepConfig, report: dict[str, Any], path: Path) -> Pat
     return path
 
 
-def run_diagnostics(config: SweepConfig, data: _Data, chosen: dict[str, RunSpec], runs_dir: Path, out_dir: Path):
-    """Per-layer distance to the start and feature R^2 of each method's chosen run (first seed)."""
+def diagnostic_runs(config: SweepConfig, chosen: dict[str, RunSpec]) -> dict[str, RunSpec]:
+    """Label -> run shown in the diagnostics: each method's chosen run (first seed), then ``diagnostic_extra``."""
+    runs = {f"{PRETTY.get(m, m)} a={s.alpha:g} (chosen)": s for m, s in chosen.items()}
+    for item in config.diagnostic_extra:
+        method, _, alpha = item.partition("=")
+        spec = RunSpec(method, float(alpha), config.beta_grid[0], config.lr_grid[0], config.seeds[0])
+        if spec not in runs.values():
+            runs[f"{PRETTY.get(method, method)} a={spec.alpha:g}"] = spec
+    return runs
+
+
+def run_diagnostics(config: SweepConfig, data: _Data, run_dirs: dict[str, Path], out_dir: Path) -> dict[str, Any]:
+    """Per-layer distance to the start and feature R^2 of the runs in ``run_dirs`` (label -> run folder)."""
     from .diagnostics import feature_r2, plot_diagnostics, relative_distances
     from .models import timm_layout_state_dict
     from .selection import split_parameters
@@ -986,19 +1018,18 @@ def run_diagnostics(config: SweepConfig, data: _Data, chosen: dict[str, RunSpec]
     start_state = timm_layout_state_dict(source)
     names = [_layout_name(source, n) for n in anchored]
     distances, r2_identity, r2_linear = {}, {}, {}
-    for method, spec in chosen.items():
-        weights = runs_dir / spec.name / "model.safetensors"
+    for label, run_dir in run_dirs.items():
+        weights = run_dir / "model.safetensors"
         if not weights.is_file():
-            logger.warning("Diagnostics: no weights for %s (%s); skipped.", method, weights)
+            logger.warning("Diagnostics: no weights for %s (%s); skipped.", label, weights)
             continue
         tuned = _load_weights_into(data.target_model().model, weights)
-        label = PRETTY.get(method, method)
         distances[label] = relative_distances(start_state, timm_layout_state_dict(tuned), names)
         r2_identity[label] = feature_r2(source, tuned, pixel_values, method="identity")
         r2_linear[label] = feature_r2(source, tuned, pixel_values, method="linear")
     diag = {
         "images": int(pixel_values.shape[0]),
-        "runs": {PRETTY.get(m, m): s.name for m, s in chosen.items()},
+        "runs": {label: str(run_dir.relative_to(out_dir)) for label, run_dir in run_dirs.items()},
         "relative_distance": distances,
         "feature_r2_identity": r2_identity,
         "feature_r2_linear": r2_linear,
@@ -1009,19 +1040,23 @@ def run_diagnostics(config: SweepConfig, data: _Data, chosen: dict[str, RunSpec]
             distances,
             r2_identity,
             out_dir / "diagnostics.png",
-            title=f"chosen runs (seed {config.seeds[0]}): distance to w0 and feature R^2 "
+            title=f"seed {config.seeds[0]}: distance to w0 and feature R^2 "
             f"(identity definition, {pixel_values.shape[0]} val images)",
         )
     return diag
 
 
-def _prune_weights(config: SweepConfig, specs: list[RunSpec], chosen: dict[str, RunSpec], runs_dir: Path) -> None:
+def _prune_weights(config: SweepConfig, specs: list[RunSpec], keep: set[str], out_dir: Path) -> None:
+    """Delete the fine-tuned weights that ``keep_weights`` does not keep (``keep``: run names for 'selected')."""
     if config.keep_weights == "all":
         return
-    keep = {s.name for s in chosen.values()} if config.keep_weights == "selected" else set()
+    keep = keep if config.keep_weights == "selected" else set()
     for spec in specs:
         if spec.name not in keep:
-            (runs_dir / spec.name / "model.safetensors").unlink(missing_ok=True)
+            (out_dir / "runs" / spec.name / "model.safetensors").unlink(missing_ok=True)
+    if config.keep_weights == "none":
+        for weights in (out_dir / DIAGNOSTIC_RUNS).glob("*/model.safetensors"):
+            weights.unlink()
 
 
 def _check_budget(config: SweepConfig, out_dir: Path) -> None:
@@ -1104,9 +1139,21 @@ def run_sweep(config: SweepConfig, command: str | None = None) -> dict[str, Any]
         "fisher": _read_json(out_dir / "fisher.json") if fisher_path else None,
         "runs": [results[s.name] for s in planned],
     }
+    shown = diagnostic_runs(config, chosen)
     if config.diagnostics and chosen:
-        report["diagnostics"] = run_diagnostics(config, data, chosen, runs_dir, out_dir)
-    _prune_weights(config, planned, chosen, runs_dir)
+        run_dirs = {}
+        for label, spec in shown.items():
+            run_dirs[label] = runs_dir / spec.name
+            if (run_dirs[label] / "model.safetensors").is_file() or config.keep_weights == "none":
+                continue
+            # Its weights were deleted by an earlier invocation (another diagnostic_extra then): train the same
+            # run again beside the sweep's runs, for the diagnostics only.
+            run_dirs[label] = out_dir / DIAGNOSTIC_RUNS / spec.name
+            if not (run_dirs[label] / "model.safetensors").is_file():
+                progress.total += 1
+                execute(config, spec, "diagnostics", out_dir / DIAGNOSTIC_RUNS, fisher_path, reference, progress)
+        report["diagnostics"] = run_diagnostics(config, data, run_dirs, out_dir)
+    _prune_weights(config, planned, {s.name for s in shown.values()}, out_dir)
     report["sweep_wall_time_this_invocation"] = time.perf_counter() - sweep_start
     _write_json(out_dir / "results.json", report)
     (out_dir / "results.md").write_text(markdown_report(config, report))

@@ -73,7 +73,7 @@ def test_sweep_end_to_end_and_resume(tmp_path, monkeypatch):
     assert (out / "results.png").stat().st_size > 1000
     assert (out / "diagnostics.png").is_file()
     diag = json.loads((out / "diagnostics.json").read_text())
-    assert set(diag["feature_r2_identity"]) == {"L2", "L2-SP"}
+    assert set(diag["feature_r2_identity"]) == {"L2 a=0.001 (chosen)", "L2-SP a=0.1 (chosen)"}
     # only the chosen runs' first seed keeps its weights (for diagnostics)
     kept = sorted(p.parent.name for p in (out / "runs").glob("*/model.safetensors"))
     assert kept == sorted(RunSpec(m, a, 0.01, 0.01, 0).name for m, a in (("l2", 1e-3), ("l2_sp", 0.1)))
@@ -249,3 +249,44 @@ def test_pause_while_another_process_runs():
         child.kill()
         child.wait()
     assert waited >= 0.8
+
+
+def test_diagnostics_of_an_extra_grid_point_retrain_it_if_its_weights_were_deleted(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from hf_sp.loading import PACKAGED_LITE0, load_model
+    from hf_sp.models import timm_layout_state_dict
+
+    start = timm_layout_state_dict(load_model(PACKAGED_LITE0, num_labels=3, id2label={0: "a", 1: "b", 2: "c"}).model)
+    calls = []
+
+    def fake_training(config, spec, run_dir, fisher_path):
+        """No training: the start weights, slightly moved, and a val accuracy that grows with alpha."""
+        calls.append(spec.name)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_file({k: v + 0.01 * spec.alpha for k, v in start.items()}, str(run_dir / "model.safetensors"))
+        acc = 0.5 + spec.alpha / 10
+        return {"status": "ok", "val_accuracy": acc, "test_accuracy": acc, "train_runtime": 1.0, "wall_time": 1.0}
+
+    monkeypatch.setattr(reproduce, "train_one", fake_training)
+    config = tiny_config(tmp_path, alpha_grid={"l2": [1e-3], "l2_sp": [0.1, 1.0]}, linear_probe=False)
+    reproduce.run_sweep(config)
+    assert len(calls) == 5  # 3 grid runs, then l2 and l2_sp (alpha 1, the best on val) with seed 1
+    out = Path(config.output_dir)
+    assert not (out / "runs" / RunSpec("l2_sp", 0.1, 0.01, 0.01, 0).name / "model.safetensors").exists()
+
+    calls.clear()
+    config.diagnostic_extra = ["l2_sp=0.1"]
+    reproduce.run_sweep(config)
+    assert calls == [RunSpec("l2_sp", 0.1, 0.01, 0.01, 0).name]  # trained again, for the diagnostics only
+    diag = json.loads((out / "diagnostics.json").read_text())
+    assert set(diag["relative_distance"]) == {"L2 a=0.001 (chosen)", "L2-SP a=1 (chosen)", "L2-SP a=0.1"}
+    assert diag["runs"]["L2-SP a=0.1"].startswith("diagnostic_runs/")
+    # the chosen L2-SP run moved 10x further than the extra one (0.01 vs 0.001 on every weight)
+    chosen = diag["relative_distance"]["L2-SP a=1 (chosen)"]["conv_stem.weight"]
+    assert chosen == pytest.approx(10 * diag["relative_distance"]["L2-SP a=0.1"]["conv_stem.weight"], rel=1e-4)
+    calls.clear()
+    reproduce.run_sweep(config)
+    assert calls == []  # its weights are kept now
+    with pytest.raises(ValueError, match="diagnostic_extra 'l2_sp=3'"):
+        tiny_config(tmp_path / "x", diagnostic_extra=["l2_sp=3"])
