@@ -35,12 +35,19 @@ MODES = ("gradient", "decoupled")
 
 #: Elements per multi-tensor call: bounds the temporary ``w - w0`` buffers to 64 MiB of fp32.
 CHUNK_NUMEL = 1 << 24
+#: Steps whose penalty values are kept one by one before they are summed into the logging window (and checked
+#: for divergence): bounds the memory of a run that never logs, and stops a diverged run within this many steps.
+FOLD_STEPS = 32
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor (FSDP2), the tensor itself otherwise."""
     to_local = getattr(t, "to_local", None)
     return to_local() if to_local is not None else t
+
+
+def _first_param(optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    return next(p for g in optimizer.param_groups for p in g["params"])
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -76,6 +83,8 @@ class SPRegularizer:
             any optimizer); ``"decoupled"`` moves the weights by ``-lr * alpha * dOmega/dw``
             beside the optimizer's own update, as AdamW decouples weight decay.
         fisher: diagonal Fisher per anchored parameter name, for ``l2_sp_fisher``.
+        all_reduce: sums shard-local tensors across ranks (sharded engines: FSDP2, DeepSpeed); it is called
+            on every rank at the same step, every :data:`FOLD_STEPS` steps and at each log and checkpoint.
     """
 
     def __init__(
@@ -86,6 +95,7 @@ class SPRegularizer:
         split: ParamSplit,
         mode: str = "gradient",
         fisher: Mapping[str, torch.Tensor] | None = None,
+        all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"sp_mode={mode!r} is not one of {MODES}.")
@@ -101,7 +111,12 @@ class SPRegularizer:
         #: Called once the anchor is captured (the trainer marks the model as anchored).
         self.on_capture: Callable[[], None] | None = None
         self._pending: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+        self.all_reduce = all_reduce
+        #: Per-step (alpha-free body value, head value, ||w_S - w0_S||^2), shard-local, not yet folded.
         self._records: list[torch.Tensor] = []
+        #: Sums of (body value, head value, ||w_S - w0_S||) over the folded steps of the logging window.
+        self._window = torch.zeros(3, dtype=torch.float64)
+        self._window_steps = 0
         self._hooked: set[int] = set()
 
     # ----------------------------------------------------------------------------------------
@@ -220,11 +235,13 @@ class SPRegularizer:
                     sums[2].append(dsq)
                 else:
                     sums[1].append(self._accumulate(self.head_penalty, w, None, None, out, scale)[0])
-        if any(sums):
-            device = next(v.device for s in sums for v in s)
-            self._records.append(
-                torch.stack([torch.stack(s).sum() if s else torch.zeros((), device=device) for s in sums])
-            )
+        # One record per step on every rank, even an empty one, so that ranks fold (all-reduce) in step.
+        device = next((v.device for s in sums for v in s), None) or _first_param(optimizer).device
+        self._records.append(
+            torch.stack([torch.stack(s).sum() if s else torch.zeros((), device=device) for s in sums])
+        )
+        if len(self._records) >= FOLD_STEPS:
+            self._fold()
 
     def _check_structure(self, items) -> None:
         for name, p in items:
@@ -280,28 +297,36 @@ class SPRegularizer:
 
     # ----------------------------------------------------------------------------------------
     # Logging
-    def check_finite(self) -> None:
-        """Raise ``FloatingPointError`` if any penalty value since the last log is NaN or infinite."""
-        if self._records and not bool(torch.isfinite(torch.stack(self._records)).all()):
+    def _fold(self) -> None:
+        """Sum the pending per-step records into the window (across ranks first); raise if one is not finite."""
+        if not self._records:
+            return
+        records = torch.stack(self._records)
+        self._records.clear()
+        if self.all_reduce is not None:
+            records = self.all_reduce(records)
+        records = records.double().cpu()
+        if not bool(torch.isfinite(records).all()):
             raise FloatingPointError(
                 f"The {self.info.name} penalty became non-finite during training (the weights diverged). Training "
                 "was stopped; checkpoints already written are kept. Lower the learning rate or sp_alpha/sp_beta."
             )
+        records[:, 2].sqrt_()
+        self._window += records.sum(0)
+        self._window_steps += records.shape[0]
 
-    def pop_metrics(self, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
-        """Window averages since the last call: ``sp_body`` (alpha * Omega), ``sp_head`` (beta/2 * ||w_Sbar||^2)
-        and ``sp_dist`` (||w_S - w0_S||). ``all_reduce`` sums shard-local values across ranks (sharded engines).
+    def check_finite(self) -> None:
+        """Raise ``FloatingPointError`` if a penalty value since the last check is NaN or infinite."""
+        self._fold()
+
+    def pop_metrics(self) -> dict[str, float]:
+        """Averages over the steps since the last call: ``sp_body`` (alpha * Omega), ``sp_head``
+        (beta/2 * ||w_Sbar||^2) and ``sp_dist`` (||w_S - w0_S||); empty if no step was taken.
         """
-        if not self._records:
+        self._fold()
+        if not self._window_steps:
             return {}
-        self.check_finite()
-        records = torch.stack(self._records)
-        self._records.clear()
-        if all_reduce is not None:
-            records = all_reduce(records)
-        records = records.double()
-        return {
-            "sp_body": self.alpha * float(records[:, 0].mean()),
-            "sp_head": self.beta * float(records[:, 1].mean()),
-            "sp_dist": float(records[:, 2].sqrt().mean()),
-        }
+        body, head, dist = (self._window / self._window_steps).tolist()
+        self._window.zero_()
+        self._window_steps = 0
+        return {"sp_body": self.alpha * body, "sp_head": self.beta * head, "sp_dist": dist}

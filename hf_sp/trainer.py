@@ -95,6 +95,7 @@ class SPTrainer(Trainer):
             split,
             mode=args.sp_mode,
             fisher=fisher if fisher is not None else ({} if info.needs_fisher else None),
+            all_reduce=self._sp_all_reduce if self.is_fsdp_enabled or self.is_deepspeed_enabled else None,
         )
         self.sp_regularizer.capture_allowed = not self._sp_resuming and not getattr(model, ANCHORED_ATTR, False)
         self.sp_regularizer.on_capture = lambda: setattr(model, ANCHORED_ATTR, True)
@@ -213,13 +214,12 @@ class SPTrainer(Trainer):
     # Logging and checkpoints
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self.sp_regularizer is not None and "loss" in logs:
-            sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
-            logs.update(
-                self.sp_regularizer.pop_metrics(
-                    (lambda t: self.accelerator.reduce(t, reduction="sum")) if sharded else None
-                )
-            )
+            logs.update(self.sp_regularizer.pop_metrics())
         super().log(logs, *args, **kwargs)
+
+    def _sp_all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of the shard-local penalty records over ranks."""
+        return self.accelerator.reduce(t, reduction="sum")
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """Write ``README.md`` in ``output_dir``: the SP card (penalty, formula, alpha, beta, anchored vs new,

@@ -133,3 +133,32 @@ def test_distance_from_the_optimizer_state():
     norm = (anchor.square().sum() + opt.state[model.conv.weight][ANCHOR_KEY].square().sum()).sqrt()
     assert dist == pytest.approx(2.0 * (30**0.5), rel=1e-6)
     assert rel == pytest.approx(dist / float(norm), rel=1e-6)
+
+
+def test_metrics_are_folded_every_few_steps_and_averaged_over_the_whole_window(monkeypatch):
+    """A run that never logs keeps at most FOLD_STEPS records; the window average does not depend on folding."""
+    metrics = []
+    for fold in (1000, 3):
+        monkeypatch.setattr(reg_module, "FOLD_STEPS", fold)
+        model, reg, opt = setup()
+        for step in range(10):
+            step_with_grads(model, opt, value=0.1 * (step % 4))  # the weights move, so every step differs
+            assert len(reg._records) < fold
+        metrics.append(reg.pop_metrics())
+        assert reg._records == [] and reg.pop_metrics() == {}  # the window starts again
+    assert metrics[0].keys() == {"sp_body", "sp_head", "sp_dist"}
+    for key in metrics[0]:
+        assert metrics[1][key] == pytest.approx(metrics[0][key], rel=1e-12)
+    assert metrics[0]["sp_dist"] > 0
+
+
+def test_divergence_stops_the_step_within_fold_steps_without_any_log(monkeypatch):
+    monkeypatch.setattr(reg_module, "FOLD_STEPS", 4)
+    model, reg, opt = setup()
+    step_with_grads(model, opt)
+    with torch.no_grad():
+        model.body.weight[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="l2_sp penalty became non-finite"):
+        for _ in range(4):
+            step_with_grads(model, opt)
+    assert reg._records == []
