@@ -12,9 +12,10 @@ of the log-likelihood are averaged over the model's *own* predictive distributio
 the empirical Fisher (gradients at the dataset labels) nor the square of a mini-batch gradient.
 
 The per-sample gradients are computed with :mod:`torch.func` (``functional_call`` + ``vmap`` +
-``vjp``), vectorized over the samples of a batch.  For each sample one forward pass is made and
-one vector-Jacobian product per class slot: with cotangent ``e_k`` (one-hot at class ``k``) the
-VJP of ``log softmax(logits)`` is exactly ``d log f_k / d w``.
+``vjp``): for each sample one forward pass is made and one vector-Jacobian product per class slot:
+with cotangent ``e_k`` (one-hot at class ``k``) the VJP of ``log softmax(logits)`` is exactly
+``d log f_k / d w``.  Either the samples of a batch or the class slots of a sample are vectorized
+(``vectorize``).
 
 Three estimators of the inner sum over classes are available:
 
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,9 @@ from torch import nn
 from torch.func import functional_call, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
+
+#: How :func:`estimate_fisher` vectorizes the per-sample, per-class gradients.
+VECTORIZE = ("auto", "samples", "classes")
 
 __all__ = ["FISHER_FORMAT", "check_fisher", "estimate_fisher", "load_fisher", "save_fisher"]
 
@@ -146,6 +151,15 @@ def _class_slots(
     return labels, probs
 
 
+def resolve_vectorize(model: nn.Module, vectorize: str, device: torch.device) -> str:
+    """``vectorize`` with ``"auto"`` resolved: ``"classes"`` for a model with convolutions on CPU (where
+    ``vmap`` over samples turns their weight gradients into slow grouped convolutions), else ``"samples"``."""
+    if vectorize != "auto":
+        return vectorize
+    has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+    return "classes" if has_conv and device.type == "cpu" else "samples"
+
+
 def estimate_fisher(
     model: nn.Module,
     dataloader: Iterable,
@@ -158,6 +172,7 @@ def estimate_fisher(
     generator: torch.Generator | None = None,
     progress: bool = True,
     dtype: torch.dtype = torch.float32,
+    vectorize: str = "auto",
 ) -> dict[str, torch.Tensor]:
     """Estimate the diagonal of the (true) Fisher information of a classifier at its current weights ``w0``.
 
@@ -187,12 +202,19 @@ def estimate_fisher(
             ``1/num_label_samples``.  Unbiased.  Mutually exclusive with ``top_k``.
         param_names: parameters to estimate (names from ``model.named_parameters()``); default: all
             parameters with ``requires_grad=True``.
-        chunk_size: process at most this many samples at a time (passed to ``vmap``); bounds the memory of
-            the vectorized forward/backward and of the per-sample gradients (``chunk_size x #params``).
-            ``None``: a whole batch at once.
+        chunk_size: vectorize at most this many samples (``vectorize="samples"``) or class slots
+            (``"classes"``) at a time (passed to ``vmap``); bounds the memory of the vectorized
+            forward/backward and of the per-sample gradients (``chunk_size x #params``).  ``None``: a
+            whole batch (all class slots) at once.
         generator: random generator for ``num_label_samples``.
         progress: show a tqdm progress bar over the batches.
         dtype: floating dtype of the returned tensors (default ``torch.float32``).
+        vectorize: ``"samples"``: ``vmap`` over the samples of a batch, one VJP per class slot (fast
+            where batched per-sample weight gradients are: matmul layers, GPUs); ``"classes"``: one
+            forward pass per sample and ``vmap`` over its class slots (each convolution's weight
+            gradient for all slots is then one ordinary convolution instead of a grouped one: faster
+            for convolutional networks on CPU); ``"auto"``: ``"classes"`` for a model with
+            convolutions on CPU, else ``"samples"``.  Same Fisher either way.
 
     Returns:
         ``{name: F}`` with ``F`` of the parameter's shape, on CPU, of ``dtype``, all entries ``>= 0``.
@@ -213,6 +235,8 @@ def estimate_fisher(
         raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}.")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}.")
+    if vectorize not in VECTORIZE:
+        raise ValueError(f"vectorize={vectorize!r} is not one of {VECTORIZE}.")
 
     names = _select_params(model, param_names)
     selected = set(names)
@@ -227,14 +251,14 @@ def estimate_fisher(
     acc_dtypes = {n: torch.promote_types(p.dtype, torch.float32) for n, p in params.items()}
     fisher = {n: torch.zeros(p.shape, dtype=acc_dtypes[n], device=device) for n, p in params.items()}
 
+    def log_probs(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """``log f(x; p)`` of one sample ``x`` (no batch dimension)."""
+        out = functional_call(model, (p, constants), (x.unsqueeze(0),))
+        return torch.log_softmax(_logits(out), dim=-1).squeeze(0)
+
     def per_sample(x: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> dict[str, torch.Tensor]:
         """``sum_s weights[s] * (d log f_{labels[s]}(x) / dw)^2`` for one sample ``x`` (vmapped over the batch)."""
-
-        def log_probs(p: dict[str, torch.Tensor]) -> torch.Tensor:
-            out = functional_call(model, (p, constants), (x.unsqueeze(0),))
-            return torch.log_softmax(_logits(out), dim=-1).squeeze(0)
-
-        logp, vjp_fn = vjp(log_probs, params)
+        logp, vjp_fn = vjp(partial(log_probs, x=x), params)
         total = {n: torch.zeros_like(p, dtype=acc_dtypes[n]) for n, p in params.items()}
         classes = torch.arange(logp.shape[-1], device=logp.device)
         for s in range(labels.shape[0]):  # loop over class slots; samples are vectorized by vmap
@@ -245,6 +269,20 @@ def estimate_fisher(
         return total
 
     batched = vmap(per_sample, in_dims=(0, 0, 0), chunk_size=chunk_size)
+
+    def over_classes(x: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> None:
+        """Add ``sum_i sum_s weights[i, s] * (d log f_{labels[i, s]}(x_i) / dw)^2`` to ``fisher``: one forward
+        pass per sample, its class slots vectorized by vmap."""
+        for i in range(x.shape[0]):
+            logp, vjp_fn = vjp(partial(log_probs, x=x[i]), params)
+            cotangents = torch.nn.functional.one_hot(labels[i], logp.shape[-1]).to(logp.dtype)  # [S, K]
+            (grads,) = vmap(vjp_fn, chunk_size=chunk_size)(cotangents)
+            for n, g in grads.items():
+                # not in place: gradients of different parameters may share memory (e.g. slices of one tensor)
+                squares = g.to(acc_dtypes[n]).reshape(g.shape[0], -1).square()
+                fisher[n].view(-1).addmv_(squares.T, weights[i].to(acc_dtypes[n]))
+
+    vectorize = resolve_vectorize(model, vectorize, device)
 
     try:
         total_batches: int | None = len(dataloader)  # type: ignore[arg-type]
@@ -269,12 +307,15 @@ def estimate_fisher(
                 with torch.no_grad():
                     probs = torch.softmax(_logits(functional_call(model, (params, constants), (x,))), dim=-1)
                 labels, weights = _class_slots(probs, top_k, num_label_samples, generator)
+                num_samples += x.shape[0]
+                if vectorize == "classes":
+                    over_classes(x, labels, weights)
+                    continue
                 step = x.shape[0] if chunk_size is None else chunk_size
                 for start in range(0, x.shape[0], step):
                     sl = slice(start, start + step)
                     for n, c in batched(x[sl], labels[sl], weights[sl]).items():
                         fisher[n] += c.sum(dim=0)
-                num_samples += x.shape[0]
     finally:
         for module, mode in modes.items():
             module.training = mode

@@ -93,6 +93,8 @@ def test_quick_benchmark_writes_all_sections(tmp_path):
         assert fisher["allclose"] is True
         assert _positive(fisher["vectorized_median_s"]) and _positive(fisher["loop_median_s"])
         assert _positive(fisher["speedup"])
+        assert fisher["auto"] in ("samples", "classes")
+        assert fisher["vectorized_median_s"] == fisher["median_s"][fisher["auto"]]
 
     for heading in ("## 1. Step time", "## 2. Peak memory", "## 3. The penalty alone", "## 4. Fisher estimation"):
         assert heading in md

@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from hf_sp.fisher import check_fisher, estimate_fisher, load_fisher, save_fisher
+from hf_sp.fisher import check_fisher, estimate_fisher, load_fisher, resolve_vectorize, save_fisher
 
 NUM_CLASSES = 5
 
@@ -65,7 +65,8 @@ def _assert_close(fisher: dict[str, torch.Tensor], ref: dict[str, torch.Tensor],
 # --------------------------------------------------------------------------------------------- exact Fisher
 
 
-def test_exact_fisher_matches_reference_and_leaves_model_untouched():
+@pytest.mark.parametrize("vectorize", ["samples", "classes"])
+def test_exact_fisher_matches_reference_and_leaves_model_untouched(vectorize):
     model = _tiny_model()
     model.train()
     x = _inputs(7)
@@ -74,7 +75,7 @@ def test_exact_fisher_matches_reference_and_leaves_model_untouched():
     # uneven (x, y) batches; labels must be ignored
     loader = [(x[:4], torch.zeros(4, dtype=torch.long)), (x[4:], torch.ones(3, dtype=torch.long))]
 
-    fisher = estimate_fisher(model, loader, progress=False, dtype=torch.float64)
+    fisher = estimate_fisher(model, loader, vectorize=vectorize, progress=False, dtype=torch.float64)
 
     # eval mode restored to train, nothing modified (BatchNorm running stats included)
     assert model.training and all(m.training for m in model.modules())
@@ -95,19 +96,28 @@ def test_exact_fisher_matches_reference_and_leaves_model_untouched():
     assert not torch.allclose(batch_stats_logits, model(x[:4]))
 
 
-def test_chunking_batch_formats_and_max_batches():
+@pytest.mark.parametrize("vectorize", ["samples", "classes"])
+def test_chunking_batch_formats_and_max_batches(vectorize):
     model = _tiny_model()
     model.eval()
     x = _inputs(6)
     ref = _reference_fisher(model, x, _exact_slots)
     as_dicts = [{"pixel_values": x[:3], "labels": torch.zeros(3)}, {"pixel_values": x[3:], "labels": torch.zeros(3)}]
-    _assert_close(estimate_fisher(model, as_dicts, chunk_size=2, progress=False, dtype=torch.float64), ref)
-    _assert_close(estimate_fisher(model, [x[:3], x[3:]], chunk_size=1, progress=False, dtype=torch.float64), ref)
+    _assert_close(
+        estimate_fisher(model, as_dicts, chunk_size=2, vectorize=vectorize, progress=False, dtype=torch.float64), ref
+    )
+    _assert_close(
+        estimate_fisher(model, [x[:3], x[3:]], chunk_size=1, vectorize=vectorize, progress=False, dtype=torch.float64),
+        ref,
+    )
     assert not model.training  # eval mode restored as eval
 
     ref_first = _reference_fisher(model, x[:2], _exact_slots)
     loader = [[x[:2], torch.zeros(2)], [x[2:], torch.zeros(4)]]
-    _assert_close(estimate_fisher(model, iter(loader), max_batches=1, progress=True, dtype=torch.float64), ref_first)
+    _assert_close(
+        estimate_fisher(model, iter(loader), max_batches=1, vectorize=vectorize, progress=True, dtype=torch.float64),
+        ref_first,
+    )
 
 
 def test_default_dtype_is_float32_on_cpu():
@@ -142,7 +152,8 @@ def test_param_selection():
 # --------------------------------------------------------------------------------------------- approximations
 
 
-def test_top_k_matches_renormalized_reference():
+@pytest.mark.parametrize("vectorize", ["samples", "classes"])
+def test_top_k_matches_renormalized_reference(vectorize):
     model = _tiny_model()
     x = _inputs(5)
     k = 2
@@ -151,14 +162,18 @@ def test_top_k_matches_renormalized_reference():
         top_p, top_idx = probs.topk(k)
         return list(zip(top_idx.tolist(), top_p / top_p.sum(), strict=True))
 
-    fisher = estimate_fisher(model, [x[:2], x[2:]], top_k=k, progress=False, dtype=torch.float64)
+    fisher = estimate_fisher(model, [x[:2], x[2:]], top_k=k, vectorize=vectorize, progress=False, dtype=torch.float64)
     _assert_close(fisher, _reference_fisher(model, x, top_slots))
     # top_k >= number of classes is the exact Fisher
     exact = _reference_fisher(model, x, _exact_slots)
-    _assert_close(estimate_fisher(model, [x], top_k=NUM_CLASSES + 3, progress=False, dtype=torch.float64), exact)
+    _assert_close(
+        estimate_fisher(model, [x], top_k=NUM_CLASSES + 3, vectorize=vectorize, progress=False, dtype=torch.float64),
+        exact,
+    )
 
 
-def test_sampled_labels_match_reference_with_same_draws():
+@pytest.mark.parametrize("vectorize", ["samples", "classes"])
+def test_sampled_labels_match_reference_with_same_draws(vectorize):
     model = _tiny_model()
     x = _inputs(5)
     s = 3
@@ -167,6 +182,7 @@ def test_sampled_labels_match_reference_with_same_draws():
         [x],
         num_label_samples=s,
         generator=torch.Generator().manual_seed(123),
+        vectorize=vectorize,
         progress=False,
         dtype=torch.float64,
     )
@@ -218,6 +234,14 @@ def _check_structure(fisher: dict[str, torch.Tensor], model: nn.Module) -> None:
     check_fisher(fisher, model)
 
 
+def test_auto_vectorizes_classes_for_convolutions_on_cpu():
+    cpu = torch.device("cpu")
+    assert resolve_vectorize(_tiny_model(), "auto", cpu) == "classes"
+    assert resolve_vectorize(_tiny_model(), "auto", torch.device("cuda")) == "samples"
+    assert resolve_vectorize(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), "auto", cpu) == "samples"
+    assert resolve_vectorize(_tiny_model(), "samples", cpu) == "samples"
+
+
 def test_timm_model():
     timm = pytest.importorskip("timm")
     name = "test_resnet" if "test_resnet" in timm.list_models("test_*") else "resnet10t"
@@ -234,7 +258,8 @@ def test_timm_model():
     _check_structure(top, model)
 
 
-def test_transformers_vit_dict_batches_matches_reference():
+@pytest.mark.parametrize("vectorize", ["samples", "classes"])
+def test_transformers_vit_dict_batches_matches_reference(vectorize):
     transformers = pytest.importorskip("transformers")
     config = transformers.ViTConfig(
         hidden_size=32,
@@ -249,7 +274,7 @@ def test_transformers_vit_dict_batches_matches_reference():
     model = transformers.ViTForImageClassification(config)
     x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     loader = [{"pixel_values": x[:2], "labels": torch.zeros(2, dtype=torch.long)}, {"pixel_values": x[2:]}]
-    fisher = estimate_fisher(model, loader, progress=False)
+    fisher = estimate_fisher(model, loader, vectorize=vectorize, progress=False)
     _check_structure(fisher, model)
 
     # ModelOutput path + attention under vmap, checked against the loop reference in float64
@@ -263,7 +288,7 @@ def test_transformers_vit_dict_batches_matches_reference():
         def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
             return self.inner(pixel_values=pixel_values).logits
 
-    fisher64 = estimate_fisher(model, loader, progress=False, dtype=torch.float64)
+    fisher64 = estimate_fisher(model, loader, vectorize=vectorize, progress=False, dtype=torch.float64)
     ref = _reference_fisher(Logits(model), x.double(), _exact_slots)
     _assert_close(fisher64, {n.removeprefix("inner."): r for n, r in ref.items()}, rtol=1e-9)
 
@@ -344,6 +369,7 @@ def test_check_rejects_bad_values():
         ({"max_batches": 0}, "max_batches"),
         ({"chunk_size": 0}, "chunk_size"),
         ({"top_k": 2, "num_label_samples": 3}, r"top_k.*num_label_samples.*mutually exclusive"),
+        ({"vectorize": "batch"}, r"vectorize='batch' is not one of"),
     ],
 )
 def test_bad_arguments(kwargs, pattern):
