@@ -290,3 +290,12 @@ def test_diagnostics_of_an_extra_grid_point_retrain_it_if_its_weights_were_delet
     assert calls == []  # its weights are kept now
     with pytest.raises(ValueError, match="diagnostic_extra 'l2_sp=3'"):
         tiny_config(tmp_path / "x", diagnostic_extra=["l2_sp=3"])
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("reproduce_*.yaml")), ids=lambda p: p.stem)
+def test_sweep_configs_parse_and_compare_against_l2_with_three_seeds(path):
+    config = parse_args(["--config", str(path)])
+    assert "l2" in config.methods and "l2_sp" in config.methods
+    assert len(config.seeds) >= 3
+    assert Path(config.data_dir).name in ("dtd10", "caltech101")
+    assert config.output_dir.startswith("results/")
