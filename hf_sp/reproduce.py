@@ -803,7 +803,7 @@ def execute(
     _remove_checkpoints(run_dir)
     _write_json(result_path, result)
     logger.info(
-        "    %s: val %s, test %s, ||w-w0||/||w0|| %s, %.0f s",
+        "    %s: val %s, test %s, ‖w-w0‖/‖w0‖ %s, %.0f s",
         outcome["status"],
         _pct(result.get("val_accuracy")),
         _pct(result.get("test_accuracy")),
@@ -894,7 +894,7 @@ def markdown_report(config: SweepConfig, report: dict[str, Any]) -> str:
         f"alpha/beta/lr chosen on val (seed {config.seeds[0]}), then seeds {config.seeds}. Test top-1, mean +- sample "
         "std over seeds.",
         "",
-        "| method | alpha | beta | lr | val (selection) | test top-1 % | n | ||w-w0||/||w0|| | s/run |",
+        "| method | alpha | beta | lr | val (selection) | test top-1 % | n | ‖w-w0‖/‖w0‖ | s/run |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for method in config.methods:
@@ -921,7 +921,7 @@ def markdown_report(config: SweepConfig, report: dict[str, Any]) -> str:
         "",
         "## Every grid run (selection on val)",
         "",
-        "| method | alpha | beta | lr | seed | status | val % | test % | ||w-w0||/||w0|| | s |",
+        "| method | alpha | beta | lr | seed | status | val % | test % | ‖w-w0‖/‖w0‖ | s |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in report["runs"]:
@@ -941,8 +941,36 @@ def markdown_report(config: SweepConfig, report: dict[str, Any]) -> str:
             f"{fisher['stats']['max_over_mean']:.0f}, clipped fraction {fisher['stats']['clipped_fraction']:.2e}, "
             f"{fisher['seconds']:.0f} s.",
         ]
+    lines += _diagnostics_table(report.get("diagnostics"))
+    if report.get("command"):
+        lines += ["", f"Command: `python {report['command']}`"]
     lines += ["", f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores.", ""]
     return "\n".join(lines)
+
+
+def _diagnostics_table(diag: dict[str, Any] | None) -> list[str]:
+    """Per run: mean per-tensor relative distance to w0 and the feature R^2 (identity) of each probed layer."""
+    if not diag or not diag.get("feature_r2_identity"):
+        return []
+    layers = list(next(iter(diag["feature_r2_identity"].values())))
+    short = [layer.split(".", 1)[-1] if layer.startswith("timm_model.") else layer for layer in layers]
+    lines = [
+        "",
+        f"## Diagnostics: distance to the start and feature R^2 ({diag['images']} val images)",
+        "",
+        "| run | mean per-tensor ‖w-w0‖/‖w0‖ | " + " | ".join(f"R^2 {s}" for s in short) + " |",
+        "|---|---:|" + "---:|" * len(layers),
+    ]
+    for label, r2 in diag["feature_r2_identity"].items():
+        dists = list(diag["relative_distance"].get(label, {}).values())
+        mean = f"{statistics.mean(dists):.4f}" if dists else "-"
+        lines.append(f"| {label} | {mean} | " + " | ".join(f"{r2[layer]:.2f}" for layer in layers) + " |")
+    lines += [
+        "",
+        "R^2 = 1 - ||F_after - F_before||^2 / ||F_after - mean(F_after)||^2 per layer, on the same images (1: "
+        "features unchanged; negative: they moved more than they vary).",
+    ]
+    return lines
 
 
 def plot_results(config: SweepConfig, report: dict[str, Any], path: Path) -> Path:

@@ -70,6 +70,11 @@ def test_sweep_end_to_end_and_resume(tmp_path, monkeypatch):
     assert saved["machine"]["cores"] >= 1
     table = (out / "results.md").read_text()
     assert "| L2 |" in table and "| L2-SP |" in table and "linear probe" in table
+    assert "| L2-SP a=0.1 (chosen) |" in table and "Command: `python scripts/reproduce.py --test`" in table
+    # no bare '|' inside a cell: every row of a table has as many cells as its header
+    for block in table.split("\n\n"):
+        rows = [r for r in block.splitlines() if r.startswith("|")]
+        assert len({r.count("|") for r in rows}) <= 1, rows[:2]
     assert (out / "results.png").stat().st_size > 1000
     assert (out / "diagnostics.png").is_file()
     diag = json.loads((out / "diagnostics.json").read_text())
