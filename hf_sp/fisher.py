@@ -151,13 +151,16 @@ def _class_slots(
     return labels, probs
 
 
-def resolve_vectorize(model: nn.Module, vectorize: str, device: torch.device) -> str:
-    """``vectorize`` with ``"auto"`` resolved: ``"classes"`` for a model with convolutions on CPU (where
-    ``vmap`` over samples turns their weight gradients into slow grouped convolutions), else ``"samples"``."""
+def resolve_vectorize(vectorize: str, device: torch.device) -> str:
+    """``vectorize`` with ``"auto"`` resolved: ``"classes"`` on CPU, ``"samples"`` on accelerators.
+
+    On CPU, ``vmap`` over samples turns every convolution's weight gradient into a grouped convolution
+    and every matmul's into a small batched one; one forward pass per sample with its class slots
+    batched was faster for both a ResNet and a ViT (``scripts/benchmark.py --sections fisher``).
+    """
     if vectorize != "auto":
         return vectorize
-    has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
-    return "classes" if has_conv and device.type == "cpu" else "samples"
+    return "classes" if device.type == "cpu" else "samples"
 
 
 def estimate_fisher(
@@ -213,8 +216,7 @@ def estimate_fisher(
             where batched per-sample weight gradients are: matmul layers, GPUs); ``"classes"``: one
             forward pass per sample and ``vmap`` over its class slots (each convolution's weight
             gradient for all slots is then one ordinary convolution instead of a grouped one: faster
-            for convolutional networks on CPU); ``"auto"``: ``"classes"`` for a model with
-            convolutions on CPU, else ``"samples"``.  Same Fisher either way.
+            on CPU); ``"auto"``: ``"classes"`` on CPU, else ``"samples"``.  Same Fisher either way.
 
     Returns:
         ``{name: F}`` with ``F`` of the parameter's shape, on CPU, of ``dtype``, all entries ``>= 0``.
@@ -282,7 +284,7 @@ def estimate_fisher(
                 squares = g.to(acc_dtypes[n]).reshape(g.shape[0], -1).square()
                 fisher[n].view(-1).addmv_(squares.T, weights[i].to(acc_dtypes[n]))
 
-    vectorize = resolve_vectorize(model, vectorize, device)
+    vectorize = resolve_vectorize(vectorize, device)
 
     try:
         total_batches: int | None = len(dataloader)  # type: ignore[arg-type]
