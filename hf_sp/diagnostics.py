@@ -18,6 +18,9 @@ Two measures, per layer:
     channels: ``1 - SSE / SST``. Invariant to any invertible linear re-mixing of the channels; needs
     more rows than channels + 1 (else ``nan``: the fit would be exact whatever the features).
 
+:func:`recalibrate_batchnorm` gives a reference for the R^2: the source weights with BatchNorm statistics
+re-estimated on target images, i.e. what the statistics alone change in the features.
+
 The paper reports that L2-SP keeps more of the source network at every depth than L2 (higher R^2).
 
 Example:
@@ -247,6 +250,36 @@ def feature_r2(
     return {n: r2_score(before[n], after[n], method) for n in layers}
 
 
+def recalibrate_batchnorm(model: nn.Module, pixel_values: torch.Tensor, batch_size: int = 32) -> nn.Module:
+    """A copy of ``model`` with every BatchNorm's running statistics re-estimated on ``pixel_values``.
+
+    The weights are unchanged; the running mean and variance become the average of the batch statistics
+    over all the given images (``momentum=None``), as if fine-tuning had changed the statistics and
+    nothing else.
+    Comparing its features with the source's (:func:`feature_r2`) separates what the statistics alone
+    do to the features from what the weight updates do.
+
+    Raises:
+        ValueError: the model has no BatchNorm layer.
+    """
+    import copy
+
+    model = copy.deepcopy(model)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        raise ValueError(f"{type(model).__name__} has no BatchNorm layer: there are no statistics to re-estimate.")
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over every batch
+        m.train()
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for start in range(0, pixel_values.shape[0], batch_size):
+            model(pixel_values[start : start + batch_size].to(device))
+    return model.eval()
+
+
 # ------------------------------------------------------------------------------------------------ plots
 def _short(name: str) -> str:
     return name.removeprefix("timm_model.").removesuffix(".weight")
@@ -261,7 +294,8 @@ def plot_diagnostics(
     """Two panels: per-layer relative distance to the start, and per-layer feature R^2, one line per run label.
 
     ``distances`` and ``r2`` map a label (e.g. ``"L2"``, ``"L2-SP"``) to ``{layer: value}``; layers are drawn
-    in the order of the first label. Needs matplotlib (``pip install hf_sp[plots]``).
+    in the order of the first label. Labels of ``r2`` absent from ``distances`` (references without weight
+    changes) are drawn dashed, in black. Needs matplotlib (``pip install hf_sp[plots]``).
     """
     import matplotlib
 
@@ -280,7 +314,9 @@ def plot_diagnostics(
     ax_d.set_title("relative distance to the start, per tensor (input -> output)")
     ax_d.legend(fontsize=8)
     for label, values in r2.items():
-        ax_r.plot(range(len(values)), list(values.values()), marker="o", label=label)
+        # a reference without weight changes (e.g. recalibrate_batchnorm) has no distance: drawn dashed
+        style = {} if label in distances or not distances else {"color": "black", "linestyle": "--"}
+        ax_r.plot(range(len(values)), list(values.values()), marker="o", label=label, **style)
     if r2:
         first = list(next(iter(r2.values())))
         ax_r.set_xticks(range(len(first)), [_short(n) for n in first], rotation=40, fontsize=8)

@@ -89,6 +89,9 @@ RESULT_FILE = "run_result.json"
 #: Where runs are trained again for the diagnostics when an earlier invocation deleted their weights.
 DIAGNOSTIC_RUNS = "diagnostic_runs"
 FISHER_FILE = "fisher.safetensors"
+#: Diagnostics reference: the source weights with BatchNorm statistics re-estimated on target train images.
+BN_LABEL = "w0, target BatchNorm statistics"
+BN_IMAGES = 512
 
 #: Fields of :class:`SweepConfig` that define the training budget: a sweep folder holds runs of one budget only.
 BUDGET_FIELDS = (
@@ -1035,7 +1038,7 @@ def diagnostic_runs(config: SweepConfig, chosen: dict[str, RunSpec]) -> dict[str
 
 def run_diagnostics(config: SweepConfig, data: _Data, run_dirs: dict[str, Path], out_dir: Path) -> dict[str, Any]:
     """Per-layer distance to the start and feature R^2 of the runs in ``run_dirs`` (label -> run folder)."""
-    from .diagnostics import feature_r2, plot_diagnostics, relative_distances
+    from .diagnostics import feature_r2, plot_diagnostics, recalibrate_batchnorm, relative_distances
     from .models import timm_layout_state_dict
     from .selection import split_parameters
 
@@ -1055,6 +1058,12 @@ def run_diagnostics(config: SweepConfig, data: _Data, run_dirs: dict[str, Path],
         distances[label] = relative_distances(start_state, timm_layout_state_dict(tuned), names)
         r2_identity[label] = feature_r2(source, tuned, pixel_values, method="identity")
         r2_linear[label] = feature_r2(source, tuned, pixel_values, method="linear")
+    if r2_identity and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in source.modules()):
+        # what the BatchNorm statistics of the target alone do to the features (weights = w0)
+        train = torch.cat([b["pixel_values"] for b in data.loader("train", config.eval_batch_size, BN_IMAGES)])
+        recalibrated = recalibrate_batchnorm(source, train, batch_size=config.eval_batch_size)
+        r2_identity[BN_LABEL] = feature_r2(source, recalibrated, pixel_values, method="identity")
+        r2_linear[BN_LABEL] = feature_r2(source, recalibrated, pixel_values, method="linear")
     diag = {
         "images": int(pixel_values.shape[0]),
         "runs": {label: str(run_dir.relative_to(out_dir)) for label, run_dir in run_dirs.items()},

@@ -17,6 +17,7 @@ from hf_sp.diagnostics import (
     feature_r2,
     plot_diagnostics,
     r2_score,
+    recalibrate_batchnorm,
     relative_distances,
     relative_distances_from_optimizer,
     total_distance,
@@ -128,3 +129,29 @@ def test_plot(tmp_path):
         title="t",
     )
     assert path.is_file() and path.stat().st_size > 1000
+
+
+def test_recalibrated_batchnorm_statistics_are_the_average_over_the_given_images():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 2)
+    ).double()
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(10, 3, 8, 8, dtype=torch.float64) * 3 + 1
+    recalibrated = recalibrate_batchnorm(model, x, batch_size=4)  # batches of 4, 4 and 2 images
+    bn_input = model[0](x)
+    bn = recalibrated[1]
+    # the average of the per-batch statistics, each weighted equally (momentum=None)
+    batches = bn_input.split(4)
+    mean = torch.stack([b.mean(dim=(0, 2, 3)) for b in batches]).mean(0)
+    var = torch.stack([b.var(dim=(0, 2, 3), unbiased=True) for b in batches]).mean(0)
+    torch.testing.assert_close(bn.running_mean, mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(bn.running_var, var, rtol=1e-12, atol=1e-12)
+    assert not recalibrated.training
+    for name, value in before.items():  # the source model is untouched, the weights are shared values
+        assert torch.equal(model.state_dict()[name], value), name
+        if not name.startswith("1.running") and not name.endswith("num_batches_tracked"):
+            assert torch.equal(recalibrated.state_dict()[name], value), name
+    with pytest.raises(ValueError, match="no BatchNorm layer"):
+        recalibrate_batchnorm(nn.Sequential(nn.Linear(2, 2)), torch.zeros(1, 2))

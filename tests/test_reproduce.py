@@ -78,7 +78,8 @@ def test_sweep_end_to_end_and_resume(tmp_path, monkeypatch):
     assert (out / "results.png").stat().st_size > 1000
     assert (out / "diagnostics.png").is_file()
     diag = json.loads((out / "diagnostics.json").read_text())
-    assert set(diag["feature_r2_identity"]) == {"L2 a=0.001 (chosen)", "L2-SP a=0.1 (chosen)"}
+    assert set(diag["feature_r2_identity"]) == {"L2 a=0.001 (chosen)", "L2-SP a=0.1 (chosen)", reproduce.BN_LABEL}
+    assert set(diag["relative_distance"]) == {"L2 a=0.001 (chosen)", "L2-SP a=0.1 (chosen)"}
     # only the chosen runs' first seed keeps its weights (for diagnostics)
     kept = sorted(p.parent.name for p in (out / "runs").glob("*/model.safetensors"))
     assert kept == sorted(RunSpec(m, a, 0.01, 0.01, 0).name for m, a in (("l2", 1e-3), ("l2_sp", 0.1)))
