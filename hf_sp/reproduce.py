@@ -887,6 +887,17 @@ def summarize(config: SweepConfig, results: dict[str, dict], chosen: dict[str, R
     return summary
 
 
+def _vs_baseline(summary: dict[str, Any], baseline: dict[str, Any] | None) -> str:
+    """``mean - mean_L2 +- sqrt(s^2/n + s_L2^2/n_L2)`` in points, or ``-`` without two seeds on each side."""
+    if not baseline or summary["test_mean"] is None or baseline["test_mean"] is None:
+        return "-"
+    if min(summary["n"], baseline["n"]) < 2:
+        return "-"
+    diff = 100 * (summary["test_mean"] - baseline["test_mean"])
+    se = 100 * math.sqrt(summary["test_std"] ** 2 / summary["n"] + baseline["test_std"] ** 2 / baseline["n"])
+    return f"{diff:+.1f} +- {se:.1f}"
+
+
 def markdown_report(config: SweepConfig, report: dict[str, Any]) -> str:
     """The tables of ``results.md``: the comparison (chosen settings) and every grid run."""
     lines = [
@@ -895,29 +906,30 @@ def markdown_report(config: SweepConfig, report: dict[str, Any]) -> str:
         f"Budget (every method): {config.num_train_epochs:g} epochs, batch {config.batch_size}, {config.image_size} px, "
         f"SGD momentum 0.9, {config.lr_scheduler_type} schedule, augmentation {config.train_augmentation!r}. "
         f"alpha/beta/lr chosen on val (seed {config.seeds[0]}), then seeds {config.seeds}. Test top-1, mean +- sample "
-        "std over seeds.",
+        "std over seeds; vs L2: difference of the means +- its standard error (Welch).",
         "",
-        "| method | alpha | beta | lr | val (selection) | test top-1 % | n | ‖w-w0‖/‖w0‖ | s/run |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | alpha | beta | lr | val (selection) | test top-1 % | vs L2 | n | ‖w-w0‖/‖w0‖ | s/run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method in config.methods:
         s = report["summary"].get(method)
         if s is None:
-            lines.append(f"| {PRETTY.get(method, method)} | - | - | - | - | no finished grid run | 0 | - | - |")
+            lines.append(f"| {PRETTY.get(method, method)} | - | - | - | - | no finished grid run | - | 0 | - | - |")
             continue
+        vs_l2 = _vs_baseline(s, report["summary"].get("l2")) if method != "l2" else "-"
         test = f"{100 * s['test_mean']:.1f} +- {100 * s['test_std']:.1f}" if s["test_mean"] is not None else "-"
         dist = f"{s['rel_dist_mean']:.4f}" if s["rel_dist_mean"] is not None else "-"
         runtime = f"{s['runtime_mean']:.0f}" if s["runtime_mean"] is not None else "-"
         diverged = f" ({s['n_diverged']} diverged)" if s["n_diverged"] else ""
         lines.append(
             f"| {PRETTY.get(method, method)} | {s['alpha']:g} | {s['beta']:g} | {s['lr']:g} | "
-            f"{_pct(s['selection_val_accuracy'])} | {test} | {s['n']}{diverged} | {dist} | {runtime} |"
+            f"{_pct(s['selection_val_accuracy'])} | {test} | {vs_l2} | {s['n']}{diverged} | {dist} | {runtime} |"
         )
     probe = report.get("linear_probe")
     if probe:
         lines.append(
             f"| linear probe (frozen source features, logistic regression C={probe['C']:g}) | - | - | - | "
-            f"{_pct(probe['val_accuracy'])} | {_pct(probe['test_accuracy'])} (deterministic) | 1 | 0 | "
+            f"{_pct(probe['val_accuracy'])} | {_pct(probe['test_accuracy'])} (deterministic) | - | 1 | 0 | "
             f"{probe['runtime']:.0f} |"
         )
     lines += [

@@ -305,3 +305,12 @@ def test_sweep_configs_parse_and_compare_against_l2_with_three_seeds(path):
     assert len(config.seeds) >= 3
     assert Path(config.data_dir).name in ("dtd10", "caltech101")
     assert config.output_dir.startswith("results/")
+
+
+def test_difference_to_l2_with_its_standard_error():
+    l2 = {"test_mean": 0.80, "test_std": 0.03, "n": 3}
+    sp = {"test_mean": 0.82, "test_std": 0.04, "n": 4}
+    # +2.0 points, se = sqrt(3^2/3 + 4^2/4) = sqrt(7) = 2.65
+    assert reproduce._vs_baseline(sp, l2) == "+2.0 +- 2.6"
+    assert reproduce._vs_baseline({**sp, "n": 1}, l2) == "-"
+    assert reproduce._vs_baseline(sp, None) == "-"
