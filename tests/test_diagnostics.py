@@ -155,3 +155,33 @@ def test_recalibrated_batchnorm_statistics_are_the_average_over_the_given_images
             assert torch.equal(recalibrated.state_dict()[name], value), name
     with pytest.raises(ValueError, match="no BatchNorm layer"):
         recalibrate_batchnorm(nn.Sequential(nn.Linear(2, 2)), torch.zeros(1, 2))
+
+
+def test_the_readme_diagnostics_snippet(tmp_path):
+    """The README's recipe on a tiny timm CNN: copy before training, distances, R^2, BatchNorm reference, plot."""
+    pytest.importorskip("matplotlib")
+    args = SPConfig(
+        output_dir=str(tmp_path / "out"),
+        sp_penalty="l2_sp",
+        sp_alpha=0.1,
+        learning_rate=0.05,
+        optim="sgd",
+        max_steps=2,
+        per_device_train_batch_size=8,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    train_ds = RandomImages(n=16, size=32)
+    trainer = SPTrainer(model=tiny_timm_cnn(), args=args, train_dataset=train_ds)
+    source_model = copy.deepcopy(trainer.model)
+    trainer.train()
+    distance = relative_distances_from_optimizer(trainer.optimizer)
+    pixel_values, train_pixel_values = RandomImages(n=8, size=32, seed=1).x, train_ds.x
+    r2 = feature_r2(source_model, trainer.model, pixel_values)
+    r2_bn = feature_r2(source_model, recalibrate_batchnorm(source_model, train_pixel_values), pixel_values)
+    path = plot_diagnostics({"L2-SP": distance}, {"L2-SP": r2, "w0, BN": r2_bn}, tmp_path / "diagnostics.png")
+    assert path.stat().st_size > 1000
+    assert r2.keys() == r2_bn.keys() and all(v < 1 for v in r2.values())
+    assert max(distance.values()) > 0
