@@ -89,22 +89,27 @@ def test_feature_r2_on_a_constructed_example():
         feature_r2(Scale(1.0), Scale(2.0), x, layers=["nope"])
 
 
-def test_distances_from_the_optimizer_anchors_match_the_state_dicts(tmp_path):
-    model = tiny_timm_cnn()
-    start = {k: v.clone() for k, v in model.state_dict().items()}
-    args = SPConfig(
-        output_dir=str(tmp_path),
+def _l2_sp_args(output_dir, max_steps: int) -> SPConfig:
+    """A few SGD steps of l2_sp on CPU, nothing saved."""
+    return SPConfig(
+        output_dir=str(output_dir),
         sp_penalty="l2_sp",
         sp_alpha=0.1,
         learning_rate=0.05,
         optim="sgd",
-        max_steps=3,
+        max_steps=max_steps,
         per_device_train_batch_size=8,
         save_strategy="no",
         report_to="none",
         use_cpu=True,
         disable_tqdm=True,
     )
+
+
+def test_distances_from_the_optimizer_anchors_match_the_state_dicts(tmp_path):
+    model = tiny_timm_cnn()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    args = _l2_sp_args(tmp_path, max_steps=3)
     trainer = SPTrainer(model=model, args=args, train_dataset=RandomImages(n=16, size=32))
     trainer.train()
     pairs = anchors_from_optimizer(trainer.optimizer)
@@ -160,19 +165,7 @@ def test_recalibrated_batchnorm_statistics_are_the_average_over_the_given_images
 def test_the_readme_diagnostics_snippet(tmp_path):
     """The README's recipe on a tiny timm CNN: copy before training, distances, R^2, BatchNorm reference, plot."""
     pytest.importorskip("matplotlib")
-    args = SPConfig(
-        output_dir=str(tmp_path / "out"),
-        sp_penalty="l2_sp",
-        sp_alpha=0.1,
-        learning_rate=0.05,
-        optim="sgd",
-        max_steps=2,
-        per_device_train_batch_size=8,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-    )
+    args = _l2_sp_args(tmp_path / "out", max_steps=2)
     train_ds = RandomImages(n=16, size=32)
     trainer = SPTrainer(model=tiny_timm_cnn(), args=args, train_dataset=train_ds)
     source_model = copy.deepcopy(trainer.model)
