@@ -29,7 +29,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import shlex
 import statistics
@@ -45,6 +44,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from ._machine import machine_info
 
 __all__ = [
     "BenchmarkConfig",
@@ -177,45 +178,6 @@ class SyntheticImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"pixel_values": self.x[i % len(self.x)], "labels": self.y[i % len(self.y)]}
-
-
-def _read_first(path: str, key: str) -> str | None:
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.lower().startswith(key.lower()):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        return None
-    return None
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU model, cores, memory, load and library versions of this machine."""
-    import timm
-    import transformers
-
-    import hf_sp
-
-    mem = _read_first("/proc/meminfo", "MemTotal")
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        affinity = os.cpu_count()
-    return {
-        "cpu_model": _read_first("/proc/cpuinfo", "model name") or platform.processor() or "unknown",
-        "cpu_count": os.cpu_count(),
-        "cpus_available": affinity,
-        "torch_threads": torch.get_num_threads(),
-        "memory_total": mem,
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "timm": timm.__version__,
-        "hf_sp": hf_sp.__version__,
-    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -1048,13 +1010,12 @@ def render_markdown(result: dict[str, Any]) -> str:
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
         ]
         for model, r in fisher.items():
-            # results saved before the 'classes' path existed timed the 'samples' path only
-            t = r.get("median_s") or {"samples": r["vectorized_median_s"]}
-            paths = " | ".join(f"{t[p]:.2f} s" if p in t else "-" for p in ("samples", "classes"))
+            t = r["median_s"]
+            paths = f"{t['samples']:.2f} s | {t['classes']:.2f} s"
             lines.append(
                 f"| {model} | {r['image_size']} px | {r['num_classes']} | {r['samples']} "
                 f"| {r['num_parameters'] / 1e6:.2f} M | {paths} "
-                f"| {r['loop_median_s']:.2f} s | {r['speedup']:.2f}x ({r.get('auto', 'samples')!r}) "
+                f"| {r['loop_median_s']:.2f} s | {r['speedup']:.2f}x ({r['auto']!r}) "
                 f"| {_yes(r['allclose'])} ({r['max_rel_err']:.1e}) | {_yes(r['meets_target'])} |"
             )
         lines += [

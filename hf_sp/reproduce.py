@@ -40,7 +40,6 @@ import json
 import logging
 import math
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -56,6 +55,7 @@ import yaml
 from torch import nn
 
 from ._cli import apply_yaml_config
+from ._machine import machine_info
 from .loading import PACKAGED_LITE0
 
 logger = logging.getLogger("hf_sp.reproduce")
@@ -337,32 +337,6 @@ def seed_runs(config: SweepConfig, chosen: dict[str, RunSpec]) -> list[RunSpec]:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def machine_info() -> dict[str, Any]:
-    """CPU model, cores, threads, accelerator and library versions, for the record."""
-    import timm
-    import transformers
-
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "timm": timm.__version__,
-        "platform": platform.platform(),
-    }
-
-
 def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))
@@ -959,7 +933,7 @@ def markdown_report(config: SweepConfig, report: dict[str, Any]) -> str:
     lines += _diagnostics_table(report.get("diagnostics"))
     if report.get("command"):
         lines += ["", f"Command: `python {report['command']}`"]
-    lines += ["", f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores.", ""]
+    lines += ["", f"Machine: {report['machine']['cpu_model']}, {report['machine']['cpu_count']} cores.", ""]
     return "\n".join(lines)
 
 
@@ -968,7 +942,7 @@ def _diagnostics_table(diag: dict[str, Any] | None) -> list[str]:
     if not diag or not diag.get("feature_r2_identity"):
         return []
     layers = list(next(iter(diag["feature_r2_identity"].values())))
-    short = [layer.split(".", 1)[-1] if layer.startswith("timm_model.") else layer for layer in layers]
+    short = [layer.removeprefix("timm_model.") for layer in layers]
     lines = [
         "",
         f"## Diagnostics: distance to the start and feature R^2 ({diag['images']} val images)",

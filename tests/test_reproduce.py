@@ -67,7 +67,7 @@ def test_sweep_end_to_end_and_resume(tmp_path, monkeypatch):
     # written files
     saved = json.loads((out / "results.json").read_text())
     assert len(saved["runs"]) == 4 and saved["command"] == "scripts/reproduce.py --test"
-    assert saved["machine"]["cores"] >= 1
+    assert saved["machine"]["cpu_count"] >= 1
     table = (out / "results.md").read_text()
     assert "| L2 |" in table and "| L2-SP |" in table and "linear probe" in table
     assert "| L2-SP a=0.1 (chosen) |" in table and "Command: `python scripts/reproduce.py --test`" in table
