@@ -119,14 +119,10 @@ class DataArguments:
                 raise ValueError(f"{name} must be positive, got {value}.")
 
 
-#: Defaults of the command line that differ from SPConfig's: the paper's SGD with momentum 0.9 and no gradient
-#: clipping (clipping at Trainer's default norm of 1 stalls SGD on a new head), evaluation and a checkpoint every epoch.
+#: Defaults of the command line that differ from SPConfig's: a cosine schedule, evaluation and a checkpoint every
+#: epoch. (The method's own defaults, e.g. the paper's SGD with momentum and no clipping, come from SPConfig.)
 CLI_DEFAULTS: dict[str, Any] = {
     "output_dir": None,
-    "optim": "sgd",
-    "optim_args": "momentum=0.9",
-    "max_grad_norm": 0.0,
-    "learning_rate": 0.01,
     "lr_scheduler_type": "cosine",
     "num_train_epochs": 3.0,
     "per_device_train_batch_size": 32,

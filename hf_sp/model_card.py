@@ -120,6 +120,10 @@ class SPCardInfo:
     task: str = "image-classification"
     tags: list[str] = field(default_factory=list)
     license: str | None = None
+    #: ``(setting, value)`` rows of the other transfer methods of the recipe (probe head, BatchNorm, ...).
+    method_rows: list[tuple[str, str]] = field(default_factory=list)
+    #: A sentence per transfer method on what it did.
+    method_notes: list[str] = field(default_factory=list)
 
 
 def model_card_template_path() -> Path:
@@ -464,6 +468,8 @@ def render_model_card(info: SPCardInfo) -> ModelCard:
         final_distance_text=f"{info.final_distance:.6g}" if info.final_distance is not None else "not recorded",
         relative_distance_text=relative_distance_text,
         eval_rows=eval_rows,
+        method_rows=[(_cell(k), _cell(v)) for k, v in info.method_rows],
+        method_notes=info.method_notes,
         hyperparameter_rows=hyperparameter_rows,
         framework_versions=_framework_versions(),
         repo=info.model_id if _looks_like_hub_id(info.model_id) else f"your-namespace/{model_name or 'model'}",

@@ -26,6 +26,9 @@ KERNEL_MODULES = (nn.modules.conv._ConvNd, nn.Linear)
 
 INCLUDE_CHOICES = ("kernels", "all")
 
+#: The roles of a trainable tensor: pulled toward w0, new (decayed toward zero), or unpenalized.
+ROLES = ("anchored", "new", "free")
+
 
 def canonical_name(name: str) -> str:
     """Parameter name without the prefixes that wrappers add (``module.``, ``_fsdp_wrapped_module.``...)."""
@@ -110,6 +113,18 @@ class ParamSplit:
     def __post_init__(self) -> None:
         self._anchored_set = set(self.anchored)
         self._new_set = set(self.new)
+
+    def reassign(self, names: Iterable[str], role: str | None) -> None:
+        """Move ``names`` to ``role`` (``"anchored"``, ``"new"`` or ``"free"``), or drop them (``None``: not trained)."""
+        moved = [canonical_name(n) for n in names]
+        drop = set(moved)
+        for current in ROLES:
+            setattr(self, current, [n for n in getattr(self, current) if n not in drop])
+        if role is not None:
+            if role not in ROLES:
+                raise ValueError(f"role={role!r} is not one of {ROLES}.")
+            getattr(self, role).extend(moved)
+        self.__post_init__()
 
     def summary(self) -> str:
         """One line per role: how many tensors and parameters, for the start-of-training log."""

@@ -1,8 +1,9 @@
-"""``SPTrainer``: ``transformers.Trainer`` with starting-point regularization."""
+"""``SPTrainer``: ``transformers.Trainer`` with starting-point regularization and the transfer methods."""
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +12,14 @@ from safetensors import safe_open
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_NAME
 
 from .config import SPConfig
-from .fisher import check_fisher, estimate_fisher, load_fisher
+from .methods import MethodContext, TransferMethod, build_methods
+from .methods.penalty import missing_anchor_error
 from .model_card import SPCardInfo, hyperparameters_from_args, render_model_card
 from .models import is_timm_model, timm_layout_state_dict, wrap_timm_model
-from .penalties import get_penalty_info
 from .regularizer import MissingAnchorError, SPRegularizer
 from .selection import ParamSplit, split_parameters
 
@@ -25,8 +27,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["SPTrainer"]
 
-#: Set on a model once its anchor was captured, so that a later fresh start cannot re-anchor on fine-tuned weights.
-ANCHORED_ATTR = "_hf_sp_anchored"
+#: Set on a model after its first optimizer step under an SPTrainer, so that a later fresh start cannot take the
+#: fine-tuned weights for the pretrained start (anchor, probe head, interpolation start).
+STARTED_ATTR = "_hf_sp_started"
 
 
 def _saved_keys(path: Path) -> set[str]:
@@ -35,7 +38,8 @@ def _saved_keys(path: Path) -> set[str]:
 
 
 class SPTrainer(Trainer):
-    """A drop-in ``Trainer`` that regularizes toward the pretrained weights (Li et al., ICML 2018).
+    """A drop-in ``Trainer`` for transfer: starting-point regularization (Li et al., ICML 2018) and the methods
+    that grew from it.
 
     Swap ``Trainer`` for ``SPTrainer`` and ``TrainingArguments`` for :class:`SPConfig`; nothing
     else changes. ``model`` may be any transformers image classifier or a raw timm model (wrapped
@@ -46,15 +50,23 @@ class SPTrainer(Trainer):
         >>> trainer = SPTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds)
         >>> trainer.train()
 
-    The anchor ``w0`` is taken once, in fp32, from the weights the model has when training first
-    starts, and is kept in the optimizer state (so it is checkpointed and restored with it). The
-    penalty's gradient is added at each optimizer step; ``sp_body``, ``sp_head`` and ``sp_dist``
-    are logged next to ``loss``.
+    The ``sp_*`` fields of the arguments enable transfer methods (:mod:`hf_sp.methods`); the trainer
+    calls their phases (attach, initialize, optimizer, resume, save, loss term, end of training, logs,
+    model card) and overrides no more of ``Trainer`` than that. ``probe_dataset`` is the training set
+    without augmentation, for the methods that look at the frozen features before training
+    (``sp_head_init="probe"``, the Fisher); it defaults to ``train_dataset``.
     """
 
     args: SPConfig
 
-    def __init__(self, model: nn.Module | None = None, args: SPConfig | None = None, *pos: Any, **kwargs: Any):
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: SPConfig | None = None,
+        *pos: Any,
+        probe_dataset: Any = None,
+        **kwargs: Any,
+    ):
         if args is None:
             raise ValueError("SPTrainer needs args=SPConfig(output_dir=..., sp_penalty=..., ...).")
         if not isinstance(args, SPConfig):
@@ -64,41 +76,62 @@ class SPTrainer(Trainer):
             )
         if is_timm_model(model):
             model = wrap_timm_model(model)
-        self.sp_regularizer: SPRegularizer | None = None
+        self.sp_methods: list[TransferMethod] = []
+        self.probe_dataset = probe_dataset
+        self._sp_context: MethodContext | None = None
         self._sp_resuming = False
+        self._sp_optimizer_id: int | None = None
         super().__init__(model, args, *pos, **kwargs)
-        self._sp_setup(self.model)  # validates the settings against the model now, before any training
+        self._sp_attach(self.model)  # validates the settings against the model now, before any training
 
     # ----------------------------------------------------------------------------------------
-    # Setup: one regularizer per model (a new one for each hyperparameter-search trial)
-    def _sp_setup(self, model: nn.Module) -> None:
-        args = self.args
-        if args.sp_penalty == "none":
-            self.sp_regularizer = None
+    # The methods and what they see
+    def _sp_attach(self, model: nn.Module) -> None:
+        """Build the enabled methods from the arguments as they are now (a hyperparameter-search trial sets them
+        after building its model) and attach them to ``model``."""
+        self.sp_methods = build_methods(self.args)
+        if not self.sp_methods:
+            self._sp_context = None
             return
-        info = get_penalty_info(args.sp_penalty)
+        args = self.args
         split: ParamSplit = split_parameters(model, include=args.sp_include, head_modules=args.sp_head_modules)
-        if not split.anchored:
-            raise ValueError(
-                f"Nothing left to anchor: no trainable pretrained tensor is penalized (sp_include={args.sp_include!r}, "
-                f"head modules {split.head_modules}). Unfreeze the body, use sp_include='all', or check "
-                "sp_head_modules."
-            )
-        fisher = None
-        if info.needs_fisher and args.sp_fisher_path is not None:
-            fisher = load_fisher(args.sp_fisher_path)
-            check_fisher(fisher, model, names=split.anchored)
-        self.sp_regularizer = SPRegularizer(
-            args.sp_penalty,
-            args.sp_alpha,
-            args.sp_beta,
-            split,
-            mode=args.sp_mode,
-            fisher=fisher if fisher is not None else ({} if info.needs_fisher else None),
-            all_reduce=self._sp_all_reduce if self.is_fsdp_enabled or self.is_deepspeed_enabled else None,
+        self._sp_context = MethodContext(
+            args=args,
+            model=model,
+            split=split,
+            train_dataset=self.train_dataset,
+            eval_dataset=self.eval_dataset,
+            probe_dataset=self.probe_dataset,
+            make_loader=self._sp_loader,
+            device=args.device,
+            is_world_process_zero=self.is_world_process_zero(),
+            all_reduce_sum=self._sp_all_reduce,
+            evaluate=self._sp_evaluate,
+            show_progress=not args.disable_tqdm,
+            sharded=self.is_fsdp_enabled or self.is_deepspeed_enabled,
         )
-        self.sp_regularizer.capture_allowed = not self._sp_resuming and not getattr(model, ANCHORED_ATTR, False)
-        self.sp_regularizer.on_capture = lambda: setattr(model, ANCHORED_ATTR, True)
+        for method in self.sp_methods:
+            method.attach(self._sp_context)
+
+    def _sp_method(self, name: str) -> TransferMethod | None:
+        return next((m for m in self.sp_methods if m.name == name), None)
+
+    @property
+    def sp_regularizer(self) -> SPRegularizer | None:
+        """The penalty's :class:`~hf_sp.regularizer.SPRegularizer` (``None`` with ``sp_penalty="none"``)."""
+        penalty = self._sp_method("penalty")
+        return penalty.regularizer if penalty is not None else None
+
+    def _sp_loader(self, dataset: Any, batch_size: int) -> DataLoader:
+        if hasattr(dataset, "column_names"):
+            dataset = self._remove_unused_columns(dataset, description="hf_sp")
+        return DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
+
+    def _sp_evaluate(self) -> dict[str, float]:
+        """The evaluation loop on ``eval_dataset``, without logging or callbacks: the metrics only."""
+        loader = self.get_eval_dataloader(self.eval_dataset)
+        output = self.evaluation_loop(loader, description="hf_sp", metric_key_prefix="eval")
+        return output.metrics
 
     def call_model_init(self, trial=None) -> nn.Module:
         model = super().call_model_init(trial)
@@ -106,87 +139,84 @@ class SPTrainer(Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs: Any):
         self._sp_resuming = bool(resume_from_checkpoint)  # read when the optimizer is created
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        logs: dict[str, float] = {}
+        for method in self.sp_methods:
+            logs.update(method.on_train_end(self._sp_context, optimizer))
+        if logs:
+            self.log(logs)
+            output.metrics.update(logs)
+        return output
 
     # ----------------------------------------------------------------------------------------
-    # Optimizer: split groups by role and hook the step
+    # Optimizer: initialize (fresh runs), then let each method configure the groups and hook the step
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        opt_model = model if model is not None else self.model
+        if self.optimizer is None or self._sp_optimizer_id is None:
+            self._sp_attach(opt_model)
+            fresh = not self._sp_resuming and not getattr(opt_model, STARTED_ATTR, False)
+            if self.sp_methods and not fresh and not self._sp_resuming:
+                raise MissingAnchorError(
+                    "This model was already fine-tuned by an SPTrainer: its weights are no longer the pretrained "
+                    "starting point, and starting from them would silently change the method. Continue with "
+                    "train(resume_from_checkpoint=...), or build the model again from its pretrained weights."
+                )
+            if fresh:
+                for method in self.sp_methods:
+                    method.initialize(self._sp_context)
         optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
         raw = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer on a second train()
-        if self.sp_regularizer is not None and id(raw) in self.sp_regularizer._hooked:
+        if not self.sp_methods or id(raw) == self._sp_optimizer_id:
             return optimizer
-        opt_model = model if model is not None else self.model
-        # A fresh optimizer: set up from the arguments as they are now (a hyperparameter-search trial sets them
-        # after building its model).
-        self._sp_setup(opt_model)
-        reg = self.sp_regularizer
-        if reg is None:
-            return optimizer
-        if not self._sp_resuming and not reg.capture_allowed:
-            raise MissingAnchorError(
-                "This model was already fine-tuned by an SPTrainer: its weights are no longer the pretrained "
-                "starting point, and anchoring on them would silently change the method. Continue with "
-                "train(resume_from_checkpoint=...), or build the model again from its pretrained weights."
-            )
-        if reg.info.needs_fisher and not reg.fisher and reg.capture_allowed:
-            reg.fisher = self._sp_estimate_fisher(reg.split)
-        reg.prepare_optimizer(raw, opt_model.named_parameters())
-        logger.info(
-            "hf_sp: %s (alpha=%g, beta=%g, %s mode). %s",
-            reg.info.name,
-            reg.alpha,
-            reg.beta,
-            reg.mode,
-            reg.split.summary(),
-        )
+        for method in self.sp_methods:
+            method.configure_optimizer(self._sp_context, raw)
+        raw.register_step_post_hook(lambda *_: setattr(opt_model, STARTED_ATTR, True))
+        self._sp_optimizer_id = id(raw)
         return optimizer
 
-    def _sp_estimate_fisher(self, split: ParamSplit) -> dict[str, torch.Tensor]:
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
-            raise ValueError(
-                "sp_fisher_batches cannot estimate the Fisher on a sharded model. Estimate it beforehand with "
-                "hf_sp.estimate_fisher, save it with hf_sp.save_fisher, and pass sp_fisher_path."
-            )
-        if self.train_dataset is None:
-            raise ValueError("sp_fisher_batches needs a train_dataset to estimate the Fisher on.")
-        dataset = self.train_dataset
-        if hasattr(dataset, "column_names"):
-            dataset = self._remove_unused_columns(dataset, description="Fisher estimation")
-        # Same batches on every rank, so that every process holds the same Fisher.
-        loader = DataLoader(
-            dataset,
-            batch_size=self.args.per_device_train_batch_size,
-            collate_fn=self.data_collator,
-            shuffle=False,
-        )
-        fisher = estimate_fisher(
-            self.model,
-            loader,
-            max_batches=self.args.sp_fisher_batches,
-            top_k=self.args.sp_fisher_top_k,
-            param_names=split.anchored,
-            progress=not self.args.disable_tqdm,
-        )
-        return fisher
-
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        reg = self.sp_regularizer
-        if reg is None or checkpoint is None or self.is_deepspeed_enabled:
+        if not self.sp_methods or checkpoint is None or self.is_deepspeed_enabled:
             super()._load_optimizer_and_scheduler(checkpoint)
             return
+        penalty = self._sp_method("penalty")
         try:
             super()._load_optimizer_and_scheduler(checkpoint)
-        except ValueError as err:  # the parameter groups differ: not an SPTrainer checkpoint
-            missing, cause = ["(all)"], err
-        else:
-            missing, cause = reg.missing_anchors(getattr(self.optimizer, "optimizer", self.optimizer)), None
-        if missing:
-            raise MissingAnchorError(
-                f"resume_from_checkpoint={checkpoint!r} holds no starting-point anchor (first missing: "
-                f"{missing[0]!r}, {len(missing)} in all): it was not written by SPTrainer with sp_penalty="
-                f"{reg.info.name!r}. Resuming would re-anchor on fine-tuned weights. Resume from a checkpoint of the "
-                "same SPTrainer setup, or start again from the pretrained model without resume_from_checkpoint."
-            ) from cause
+        except ValueError as err:  # the parameter groups differ: not a checkpoint of this SPTrainer setup
+            if penalty is not None:
+                raise missing_anchor_error(checkpoint, self.args.sp_penalty, ["(all)"]) from err
+            raise ValueError(
+                f"resume_from_checkpoint={checkpoint!r}: its optimizer state does not match this SPTrainer setup "
+                f"({err}). Resume with the sp_* settings the run started with."
+            ) from err
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        for method in self.sp_methods:
+            method.on_resume(self._sp_context, optimizer, checkpoint)
+
+    # ----------------------------------------------------------------------------------------
+    # Loss terms (methods that look at the forward pass)
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        terms = [m for m in self.sp_methods if type(m).loss_term is not TransferMethod.loss_term]
+        if not terms or not model.training:
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        values = [v for m in terms if (v := m.loss_term(self._sp_context, inputs, outputs)) is not None]
+        if values:
+            extra = torch.stack([v.reshape(()) for v in values]).sum()
+            if self._sp_loss_scaled_for_ga(num_items_in_batch):
+                # Trainer will not divide this loss by the accumulation steps: a per-micro-batch mean must be.
+                extra = extra / self.current_gradient_accumulation_steps
+            loss = loss + extra.to(loss.dtype)
+        return (loss, outputs) if return_outputs else loss
+
+    def _sp_loss_scaled_for_ga(self, num_items_in_batch) -> bool:
+        """Whether Trainer treats the loss as already normalized over the accumulated batch (as training_step)."""
+        flag = getattr(self, "loss_is_scaled_for_ga", None)
+        if flag is not None:
+            return bool(flag)
+        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
@@ -213,8 +243,9 @@ class SPTrainer(Trainer):
     # ----------------------------------------------------------------------------------------
     # Logging and checkpoints
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        if self.sp_regularizer is not None and "loss" in logs:
-            logs.update(self.sp_regularizer.pop_metrics())
+        if "loss" in logs:
+            for method in self.sp_methods:
+                logs.update(method.metrics())
         super().log(logs, *args, **kwargs)
 
     def _sp_all_reduce(self, t: torch.Tensor) -> torch.Tensor:
@@ -270,9 +301,19 @@ class SPTrainer(Trainer):
             hyperparameters=hyperparameters_from_args(args),
             num_labels=getattr(config, "num_labels", None),
             label_names=label_names,
+            method_rows=[row for m in self.sp_methods if m.name != "penalty" for row in m.card()],
+            method_notes=[text for m in self.sp_methods if (text := m.card_text())],
         )
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         if self.sp_regularizer is not None:
             self.sp_regularizer.check_finite()
+        if self.sp_methods:
+            # Before Trainer's files: a checkpoint cut short by a kill then misses Trainer's files, not the methods'.
+            checkpoint = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            os.makedirs(checkpoint, exist_ok=True)
+            for method in self.sp_methods:
+                method.on_save(self._sp_context, checkpoint)
         super()._save_checkpoint(model, trial)
