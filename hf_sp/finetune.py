@@ -217,12 +217,15 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: SPConfig) ->
     train = attach_transform(dataset["train"], train_tf if data_args.train_augmentation == "standard" else eval_tf)
     val = attach_transform(dataset["validation"], eval_tf)
     test = attach_transform(dataset["test"], eval_tf) if "test" in dataset else None
+    # The training images as the model sees them at evaluation, for methods that look at the frozen features first.
+    probe = attach_transform(dataset["train"].with_format(None), eval_tf)
 
     trainer = SPTrainer(
         model=loaded.model,
         args=args,
         train_dataset=train,
         eval_dataset=val,
+        probe_dataset=probe,
         data_collator=collate,
         compute_metrics=build_compute_metrics(),
         processing_class=loaded.image_processor,
