@@ -214,6 +214,8 @@ def test_paper_config_is_the_papers_protocol(path):
     assert args.optim == "sgd" and "momentum=0.9" in args.optim_args and args.weight_decay == 0
     assert args.sp_penalty in ("l2_sp", "l2") and args.sp_alpha > 0 and args.sp_beta > 0
     assert args.lr_scheduler_type == "warmup_stable_decay"
+    if "caltech256" in path.stem:  # Caltech256-30: 30 train images per class
+        assert data_args.shots_per_class == {"train": 30}
 
 
 @pytest.mark.parametrize("path", PAPER_CONFIGS, ids=lambda p: p.stem)
