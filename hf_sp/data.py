@@ -1,21 +1,25 @@
 """Image classification data: Hub data sets, local imagefolder trees, and the built-in offline default.
 
 Labels come from a ``ClassLabel`` feature; images are checked before training so that a corrupt
-file fails (or is skipped and counted) up front, not hours into a run.
+file fails (or is skipped and counted) up front, not hours into a run. :func:`select_examples`
+keeps chosen classes and a fixed number of examples per class, chosen by a hash of each image's
+file name, so that the same subset comes out of any copy of a data set that keeps its file names.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict, Features, load_dataset
+from datasets import ClassLabel, Dataset, DatasetDict, Features, concatenate_datasets, load_dataset
 from datasets import Image as ImageFeature
 from PIL import Image
 from torchvision import transforms as T
@@ -26,6 +30,9 @@ logger = logging.getLogger(__name__)
 DIGITS = "sklearn:digits"
 
 _SPLIT_ALIASES = {"validation": ("validation", "val", "valid", "dev"), "test": ("test",)}
+
+#: The splits that ``shots_per_class`` may name, in the order in which ``resplit`` deals them.
+SPLITS = ("train", "validation", "test")
 
 
 def digits_dataset(seed: int = 0) -> DatasetDict:
@@ -95,11 +102,17 @@ def load_image_dataset(
     revision: str | None = None,
     token: str | None = None,
     cache_dir: str | None = None,
+    classes: Sequence[str] | None = None,
+    exclude_classes: Sequence[str] | None = None,
+    shots_per_class: str | Mapping[str, int] | None = None,
+    resplit: bool = False,
 ) -> DatasetDict:
     """A ``DatasetDict`` with ``train``, ``validation`` and possibly ``test``, columns ``image`` and ``label``.
 
     ``dataset_name`` is a Hub data set id (or :data:`DIGITS`); otherwise ``train_dir`` etc. are local
-    imagefolder trees. Without a validation split, ``train_val_split`` of the training set is held out.
+    imagefolder trees. ``classes``, ``exclude_classes``, ``shots_per_class`` and ``resplit`` select
+    examples (:func:`select_examples`). Without a validation split, ``train_val_split`` of the training
+    set is then held out.
     """
     if dataset_name == DIGITS:
         dataset = digits_dataset(seed)
@@ -130,6 +143,9 @@ def load_image_dataset(
     if label_column != "label":
         dataset = dataset.rename_column(label_column, "label")
     dataset = _ensure_class_label(dataset)
+    dataset = select_examples(
+        dataset, classes=classes, exclude_classes=exclude_classes, shots=parse_shots(shots_per_class), resplit=resplit
+    )
     if "validation" not in dataset:
         if not train_val_split:
             raise ValueError("The data set has no validation split: give --validation_dir or --train_val_split > 0.")
@@ -165,6 +181,158 @@ def _ensure_class_label(dataset: DatasetDict) -> DatasetDict:
             raise ValueError(f"The {split} split has labels that the train split lacks: {unknown[:5]}.")
     label = ClassLabel(names=names)
     return dataset.map(lambda row: {"label": label.str2int(str(row["label"]))}).cast_column("label", label)
+
+
+def parse_shots(value: str | int | Mapping[str, int] | None) -> dict[str, int] | None:
+    """``"30"`` (train only), ``"train=40,validation=40,test=40"`` or a mapping -> ``{split: k}``.
+
+    ``val`` is accepted for ``validation``. Raises ``ValueError`` (naming ``shots_per_class``) on anything else.
+    """
+    if value is None or value == "":
+        return None
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    elif isinstance(value, int) or str(value).strip().isdigit():
+        items = [("train", value)]
+    else:
+        items = [item.partition("=")[::2] for item in str(value).split(",") if item.strip()]
+    shots = {}
+    for split, k in items:
+        split = "validation" if str(split).strip() == "val" else str(split).strip()
+        try:
+            number = int(k)
+        except (TypeError, ValueError):
+            number = 0
+        if split not in SPLITS or number <= 0 or str(number) != str(k).strip():
+            raise ValueError(
+                f"shots_per_class={value!r}: give positive counts per split, as SPLIT=K[,SPLIT=K] with SPLIT in "
+                f"{list(SPLITS)} (e.g. train=40,validation=40,test=40), or one number for the train split."
+            )
+        shots[split] = number
+    return shots
+
+
+def example_keys(dataset: Dataset) -> list[str]:
+    """The key that orders the examples of a class: ``sha1`` of the image's file name (without its folder).
+
+    An image stored without a file name (some Hub data sets keep only the bytes) is keyed by the ``sha1``
+    of its bytes instead. Either way the order depends on the images only, not on their row order.
+    """
+    if not isinstance(dataset.features.get("image"), ImageFeature):
+        raise ValueError("Selecting examples by hash needs an 'image' column of type datasets.Image.")
+    keys = []
+    # arrow batches read the stored paths without decoding (or copying) the images; they respect select()
+    for batch in dataset.select_columns(["image"]).with_format("arrow").iter(batch_size=1024):
+        column = batch["image"]
+        paths = pc.struct_field(column, "path").to_pylist()
+        contents = pc.struct_field(column, "bytes")
+        for i, path in enumerate(paths):
+            if path:
+                keys.append(hashlib.sha1(path.replace("\\", "/").rsplit("/", 1)[-1].encode()).hexdigest())
+            elif contents[i].is_valid:
+                keys.append("bytes:" + hashlib.sha1(contents[i].as_py()).hexdigest())
+            else:
+                raise ValueError(f"Image {i} has neither a file name nor bytes: it cannot be selected by hash.")
+    return keys
+
+
+def _select_classes(
+    dataset: DatasetDict, classes: Sequence[str] | None, exclude_classes: Sequence[str] | None
+) -> DatasetDict:
+    names = dataset["train"].features["label"].names
+    for arg, given in (("classes", classes), ("exclude_classes", exclude_classes)):
+        unknown = [c for c in given or () if c not in names]
+        if unknown:
+            raise ValueError(
+                f"{arg} {unknown[:5]} are not classes of the data set; it has {len(names)}: {names[:10]}"
+                f"{' ...' if len(names) > 10 else ''}. Use its class names (as in its label feature)."
+            )
+    kept = sorted(set(classes or names) - set(exclude_classes or ()))
+    if not kept:
+        raise ValueError("classes / exclude_classes leave no class: keep at least two.")
+    if kept == names:
+        return dataset
+    new_id = {names.index(name): i for i, name in enumerate(kept)}  # sorted names, as an imagefolder tree's
+    label = ClassLabel(names=kept)
+    dataset = dataset.filter(lambda labels: [y in new_id for y in labels], batched=True, input_columns="label")
+    return dataset.map(
+        lambda labels: {"label": [new_id[y] for y in labels]}, batched=True, input_columns="label"
+    ).cast_column("label", label)
+
+
+def _deal(part: Dataset, plan: Sequence[tuple[str, int]], where: str) -> dict[str, list[int]]:
+    """Per class, rank the examples by :func:`example_keys` and hand out consecutive blocks of ``plan``'s sizes.
+
+    A ``train`` or ``validation`` block must be full; a ``test`` block takes what remains, up to its size
+    (small classes). Returns row indices per split, in the source's row order.
+    """
+    keys = example_keys(part)
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(part["label"]):
+        by_class.setdefault(label, []).append(index)
+    names = part.features["label"].names
+    chosen: dict[str, list[int]] = {split: [] for split, _ in plan}
+    for label, indices in sorted(by_class.items()):
+        ranked = sorted(indices, key=lambda i: (keys[i], i))
+        start = 0
+        for split, k in plan:
+            block = ranked[start : start + k]
+            if len(block) < k and split != "test":
+                asked = ", ".join(f"{s}={n}" for s, n in plan)
+                raise ValueError(
+                    f"Class {names[label]!r} has {len(indices)} examples {where}, too few for shots_per_class "
+                    f"{asked}: lower shots_per_class, or leave the class out with exclude_classes."
+                )
+            chosen[split] += block
+            start += k
+    return {split: sorted(indices) for split, indices in chosen.items()}
+
+
+def select_examples(
+    dataset: DatasetDict,
+    *,
+    classes: Sequence[str] | None = None,
+    exclude_classes: Sequence[str] | None = None,
+    shots: Mapping[str, int] | None = None,
+    resplit: bool = False,
+) -> DatasetDict:
+    """Keep some classes, and a fixed ``k`` examples per class, chosen by hash (:func:`example_keys`).
+
+    - ``classes`` / ``exclude_classes``: the classes kept; labels are renumbered in sorted name order.
+    - ``shots`` (``{split: k}``): per class, the ``k`` examples of that split with the smallest keys
+      (a ``test`` split takes up to ``k``; splits not named are kept whole).
+    - ``resplit``: first pool every split, then deal ``train``, ``validation``, ``test`` (those named in
+      ``shots``) from each class's ranking: ranks ``0..k_train-1`` train, the next ``k_validation``
+      validation, then up to ``k_test`` test.
+
+    Example (dtd10: the first 10 DTD classes, 40 / 40 / 40 per class)::
+
+        select_examples(dtd, classes=["banded", ..., "crystalline"],
+                        shots={"train": 40, "validation": 40, "test": 40}, resplit=True)
+    """
+    if resplit and not shots:
+        raise ValueError("resplit needs shots_per_class, e.g. train=40,validation=40,test=40.")
+    if classes or exclude_classes:
+        dataset = _select_classes(dataset, classes, exclude_classes)
+    if not shots:
+        return dataset
+    if resplit:
+        pool = concatenate_datasets([dataset[split] for split in dataset])
+        plan = [(split, shots[split]) for split in SPLITS if split in shots]
+        dealt = _deal(pool, plan, f"in all splits together ({', '.join(dataset)})")
+        selected = DatasetDict({split: pool.select(indices) for split, indices in dealt.items()})
+    else:
+        missing = [split for split in shots if split not in dataset]
+        if missing:
+            raise ValueError(
+                f"shots_per_class names {missing}, which the data set lacks (splits: {list(dataset)}); "
+                "pass resplit to deal every split anew from all the examples."
+            )
+        selected = DatasetDict(dataset)
+        for split, k in shots.items():
+            selected[split] = dataset[split].select(_deal(dataset[split], [(split, k)], f"in {split}")[split])
+    logger.info("Selected by hash: %s", {split: len(part) for split, part in selected.items()})
+    return selected
 
 
 def check_images(dataset: Dataset, *, split: str, skip_corrupt: bool = False) -> tuple[Dataset, int]:

@@ -21,7 +21,15 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ._cli import apply_yaml_config
 from .config import SPConfig
-from .data import DIGITS, attach_transform, build_transforms, check_images, collate, load_image_dataset
+from .data import (
+    DIGITS,
+    attach_transform,
+    build_transforms,
+    check_images,
+    collate,
+    load_image_dataset,
+    parse_shots,
+)
 from .hub import PushError
 from .loading import PACKAGED_LITE0, load_model
 
@@ -82,6 +90,22 @@ class DataArguments:
     )
     image_column_name: str = field(default="image", metadata={"help": "Column holding the images."})
     label_column_name: str = field(default="label", metadata={"help": "Column holding the labels."})
+    classes: list[str] | None = field(
+        default=None, metadata={"help": "Keep only these classes (names as in the data set's label feature)."}
+    )
+    exclude_classes: list[str] | None = field(default=None, metadata={"help": "Leave these classes out."})
+    shots_per_class: str | None = field(
+        default=None,
+        metadata={
+            "help": "A fixed subset per class, chosen by the sha1 of each image's file name (of its bytes when it has "
+            "none): 'train=30' (or '30') keeps 30 train images per class; 'train=40,validation=40,test=40' with "
+            "--resplit deals all images anew (a test split takes up to its count). In YAML also a mapping."
+        },
+    )
+    resplit: bool = field(
+        default=False,
+        metadata={"help": "Pool every split of the source, then deal the splits of --shots_per_class by hash rank."},
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set (debugging)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate validation and test sets."})
     train_augmentation: str | None = field(
@@ -113,6 +137,9 @@ class DataArguments:
             raise ValueError(f"train_augmentation must be 'standard' or 'none', got {self.train_augmentation!r}.")
         if self.train_val_split is not None and not 0 <= self.train_val_split < 1:
             raise ValueError(f"train_val_split must be in [0, 1), got {self.train_val_split}.")
+        self.shots_per_class = parse_shots(self.shots_per_class)  # a bad value fails here, before any loading
+        if self.resplit and not self.shots_per_class:
+            raise ValueError("--resplit needs --shots_per_class, e.g. train=40,validation=40,test=40.")
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -183,6 +210,10 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: SPConfig) ->
         revision=None,
         token=model_args.token,
         cache_dir=model_args.cache_dir,
+        classes=data_args.classes,
+        exclude_classes=data_args.exclude_classes,
+        shots_per_class=data_args.shots_per_class,
+        resplit=data_args.resplit,
     )
     for split, limit in (
         ("train", data_args.max_train_samples),

@@ -28,7 +28,7 @@ The sweep is resumable: a run whose ``run_result.json`` exists is skipped; a hal
 resumes from its last checkpoint (one per epoch, only the last kept, deleted once the run is done).
 
 Example:
-    >>> config = SweepConfig(data_dir="../shared/data/dtd10", output_dir="results/dtd10", image_size=96)
+    >>> config = SweepConfig(output_dir="results/dtd10", data_dir="data/dtd10", image_size=96)
     >>> results = run_sweep(config)
 """
 
@@ -96,6 +96,12 @@ BN_IMAGES = 512
 #: Fields of :class:`SweepConfig` that define the training budget: a sweep folder holds runs of one budget only.
 BUDGET_FIELDS = (
     "data_dir",
+    "dataset_name",
+    "dataset_config_name",
+    "classes",
+    "exclude_classes",
+    "shots_per_class",
+    "resplit",
     "model_name_or_path",
     "image_size",
     "num_train_epochs",
@@ -134,11 +140,32 @@ class SweepConfig:
     ``scripts/reproduce.py`` and a key of its ``--config`` YAML file.
 
     Example:
-        >>> SweepConfig(data_dir="data/dtd10", output_dir="results/dtd10", methods=["l2", "l2_sp"], seeds=[0, 1, 2])
+        >>> SweepConfig(output_dir="results/dtd10", data_dir="data/dtd10", methods=["l2", "l2_sp"], seeds=[0, 1, 2])
     """
 
-    data_dir: str = field(metadata={"help": "Imagefolder data set with train/, val/ and test/ sub-folders."})
     output_dir: str = field(metadata={"help": "The sweep folder: runs/, results.json, results.md, results.png."})
+    data_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Local imagefolder data: train/, val/ and test/ sub-folders, or one folder per class with "
+            "--resplit. Takes precedence over --dataset_name (a local copy of the configured source)."
+        },
+    )
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub data set id (see scripts/finetune.py)."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the Hub data set."})
+    classes: list[str] | None = field(default=None, metadata={"help": "Keep only these classes.", "nargs": "+"})
+    exclude_classes: list[str] | None = field(
+        default=None, metadata={"help": "Leave these classes out.", "nargs": "+"}
+    )
+    shots_per_class: str | None = field(
+        default=None,
+        metadata={
+            "help": "Examples per class and split, chosen by file-name hash, e.g. train=40,validation=40,test=40."
+        },
+    )
+    resplit: bool = field(
+        default=False, metadata={"help": "Pool every split of the source and deal --shots_per_class anew."}
+    )
     model_name_or_path: str = field(
         default=PACKAGED_LITE0, metadata={"help": "Source model (any --model_name_or_path of scripts/finetune.py)."}
     )
@@ -270,11 +297,25 @@ class SweepConfig:
             raise ValueError(f"keep_weights must be 'all', 'selected' or 'none', got {self.keep_weights!r}.")
         if self.train_augmentation not in ("standard", "none"):
             raise ValueError(f"train_augmentation must be 'standard' or 'none', got {self.train_augmentation!r}.")
+        from .data import parse_shots
+
+        self.shots_per_class = parse_shots(self.shots_per_class)
+        if self.data_dir is not None and self.dataset_name is not None:
+            logger.info("data_dir=%s replaces dataset_name=%s (a local copy).", self.data_dir, self.dataset_name)
+            self.dataset_name = self.dataset_config_name = None
+        if self.data_dir is None and self.dataset_name is None:
+            raise ValueError("Give --data_dir (a local imagefolder tree) or --dataset_name (a Hub data set id).")
+        dealt = self.resplit and {"validation", "test"} <= set(self.shots_per_class or {})
+        if self.resplit and not dealt:
+            raise ValueError(
+                "resplit needs shots_per_class for train, validation and test, e.g. train=40,validation=40,test=40."
+            )
         for split in ("train", "val", "test"):
-            if not (Path(self.data_dir) / split).is_dir():
+            if self.data_dir is not None and not dealt and not (Path(self.data_dir) / split).is_dir():
                 raise ValueError(
                     f"data_dir={self.data_dir!r} has no {split}/ folder: give an imagefolder tree with train/, val/ "
-                    "and test/ (one sub-folder per class in each)."
+                    "and test/ (one sub-folder per class in each), or one folder per class with --resplit and "
+                    "--shots_per_class train=K,validation=K,test=K."
                 )
 
     def to_dict(self) -> dict[str, Any]:
@@ -347,9 +388,33 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
-def _splits(config: SweepConfig) -> dict[str, str]:
-    root = Path(config.data_dir)
-    return {"train": str(root / "train"), "validation": str(root / "val"), "test": str(root / "test")}
+def data_options(config: SweepConfig) -> dict[str, Any]:
+    """The data source and selection, as keyword arguments of :func:`hf_sp.data.load_image_dataset`.
+
+    The same names are ``scripts/finetune.py`` options (:func:`finetune_argv`), so that every run, the probe
+    and the Fisher see the same examples. A source without its own validation split is refused
+    (``train_val_split`` 0): a held-out part drawn per run would differ between runs.
+    """
+    options: dict[str, Any] = {"train_val_split": 0.0}
+    root = Path(config.data_dir) if config.data_dir is not None else None
+    if root is not None and (root / "train").is_dir():
+        options.update(train_dir=str(root / "train"), validation_dir=str(root / "val"), test_dir=str(root / "test"))
+    elif root is not None:
+        options["train_dir"] = str(root)  # one folder per class: resplit deals the splits
+    else:
+        options.update(dataset_name=config.dataset_name, dataset_config_name=config.dataset_config_name)
+    options.update(
+        classes=config.classes,
+        exclude_classes=config.exclude_classes,
+        shots_per_class=config.shots_per_class,
+        resplit=config.resplit,
+    )
+    return options
+
+
+def data_label(config: SweepConfig) -> str:
+    """A short name of the data set for titles: the local folder's, or the Hub id's."""
+    return Path(config.data_dir).name if config.data_dir is not None else config.dataset_name.split("/")[-1]
 
 
 def _fmt_minutes(seconds: float) -> str:
@@ -363,10 +428,11 @@ class _Data:
         from .data import build_transforms, load_image_dataset
         from .loading import load_model
 
-        splits = _splits(config)
-        self.dataset = load_image_dataset(
-            train_dir=splits["train"], validation_dir=splits["validation"], test_dir=splits["test"]
-        )
+        self.dataset = load_image_dataset(**data_options(config))
+        if "test" not in self.dataset:
+            raise ValueError(
+                "The sweep needs a test split: use a source with one, or resplit with shots_per_class test=K."
+            )
         self.names = self.dataset["train"].features["label"].names
         self.id2label = dict(enumerate(self.names))
         self.config = config
@@ -627,16 +693,14 @@ def prepare_fisher(config: SweepConfig, data: _Data, out_dir: Path) -> Path:
 # ------------------------------------------------------------------------------------------------ runs
 def finetune_argv(config: SweepConfig, spec: RunSpec, run_dir: Path, fisher_path: Path | None) -> list[str]:
     """The ``scripts/finetune.py`` arguments of one run: the sweep's budget plus the run's method and setting."""
-    splits = _splits(config)
-    argv = [
-        "--model_name_or_path",
-        config.model_name_or_path,
-        "--train_dir",
-        splits["train"],
-        "--validation_dir",
-        splits["validation"],
-        "--test_dir",
-        splits["test"],
+    argv = ["--model_name_or_path", config.model_name_or_path]
+    for name, value in data_options(config).items():
+        if value is None or value is False:
+            continue
+        if isinstance(value, dict):  # shots_per_class
+            value = ",".join(f"{split}={k}" for split, k in value.items())
+        argv += [f"--{name}", *(map(str, value) if isinstance(value, list) else [str(value)])]
+    argv += [
         "--image_size",
         str(config.image_size),
         "--train_augmentation",
@@ -875,7 +939,7 @@ def _vs_baseline(summary: dict[str, Any], baseline: dict[str, Any] | None) -> st
 def markdown_report(config: SweepConfig, report: dict[str, Any]) -> str:
     """The tables of ``results.md``: the comparison (chosen settings) and every grid run."""
     lines = [
-        f"# Fine-tuning {config.model_name_or_path} on {Path(config.data_dir).name}: L2 vs starting-point penalties",
+        f"# Fine-tuning {config.model_name_or_path} on {data_label(config)}: L2 vs starting-point penalties",
         "",
         f"Budget (every method): {config.num_train_epochs:g} epochs, batch {config.batch_size}, {config.image_size} px, "
         f"SGD momentum 0.9, {config.lr_scheduler_type} schedule, augmentation {config.train_augmentation!r}. "
@@ -1002,7 +1066,7 @@ def plot_results(config: SweepConfig, report: dict[str, Any], path: Path) -> Pat
     ax_v.set_title(f"grid (seed {config.seeds[0]})")
     ax_v.legend(fontsize=7)
     fig.suptitle(
-        f"{Path(config.model_name_or_path).name} on {Path(config.data_dir).name}: {config.num_train_epochs:g} epochs, "
+        f"{Path(config.model_name_or_path).name} on {data_label(config)}: {config.num_train_epochs:g} epochs, "
         f"{config.image_size} px"
     )
     fig.tight_layout()
@@ -1212,6 +1276,7 @@ _TYPES = {
     "list[float]": float,
     "list[int]": int,
     "list[str]": str,
+    "list[str] | None": str,
     "dict[str, list[float]]": str,
 }
 
@@ -1248,9 +1313,8 @@ def parse_args(argv: Sequence[str] | None = None) -> SweepConfig:
         # --alpha_grid on the command line overrides the YAML grid method by method, not as a whole
         from_yaml = (yaml.safe_load(Path(config_file).read_text()) or {}).get("alpha_grid") or {}
         namespace["alpha_grid"] = {**_parse_grid(from_yaml), **_parse_grid(namespace["alpha_grid"])}
-    for name in ("data_dir", "output_dir"):
-        if namespace.get(name) is None:
-            raise ValueError(f"--{name} is required (on the command line or in --config).")
+    if namespace.get("output_dir") is None:
+        raise ValueError("--output_dir is required (on the command line or in --config).")
     return SweepConfig(**namespace)
 
 

@@ -3,9 +3,15 @@
 
 On an imagefolder data set with train/, val/ and test/ (alpha per method chosen on val, then 3 seeds):
 
-    python scripts/reproduce.py --data_dir ../shared/data/dtd10 --output_dir results/dtd10
+    python scripts/reproduce.py --data_dir data/mytask --output_dir results/mytask
 
-The settings used for results/dtd10 on a 2-core CPU (see configs/reproduce_dtd10.yaml):
+On a Hub data set, with classes and a fixed number of images per class chosen by file-name hash:
+
+    python scripts/reproduce.py --dataset_name tanganke/dtd --output_dir results/dtd-5 \
+        --classes banded blotchy braided bubbly bumpy --resplit --shots_per_class train=20,validation=20,test=40
+
+The settings used for results/dtd10 on a 2-core CPU, data from the Hub (see configs/reproduce_dtd10.yaml; a local
+copy of the official release with --data_dir dtd/images):
 
     python scripts/reproduce.py --config configs/reproduce_dtd10.yaml
 

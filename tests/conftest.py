@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import timm
@@ -15,6 +16,18 @@ from hf_sp import SPConfig
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
+
+#: Real image data sets (dtd10, caltech101) beside the repository, or where HF_SP_TEST_DATA points: optional.
+SHARED_DATA = Path(os.environ.get("HF_SP_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def shared_data(name: str) -> Path:
+    """The folder of a real data set, or skip the test saying what is missing."""
+    folder = SHARED_DATA / name
+    if not (folder / "train").is_dir():
+        pytest.skip(f"real data set {name!r} not present: {folder} (set HF_SP_TEST_DATA to the folder holding it)")
+    return folder
+
 
 NUM_CLASSES = 3
 IMAGE_SIZE = 16

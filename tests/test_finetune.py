@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import shared_data
 from PIL import Image
 
 from hf_sp.data import DIGITS, check_images, load_image_dataset
@@ -14,8 +15,6 @@ from hf_sp.finetune import main, parse_args
 from hf_sp.loading import PACKAGED_LITE0, load_model, load_packaged_lite0
 from hf_sp.regularizer import ANCHOR_KEY
 from hf_sp.trainer import SPTrainer
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 #: A quick run: the packaged EfficientNet-Lite0 on a slice of the digits, 32 px.
 QUICK = [
@@ -131,9 +130,8 @@ def test_digits_default():
     assert len(data["train"]) + len(data["validation"]) + len(data["test"]) == 1797
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="shared data sets not present")
 def test_shared_dtd10_tree():
-    root = SHARED / "dtd10"
+    root = shared_data("dtd10")
     data = load_image_dataset(
         train_dir=str(root / "train"), validation_dir=str(root / "val"), test_dir=str(root / "test")
     )

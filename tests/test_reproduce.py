@@ -214,6 +214,8 @@ def test_paper_config_is_the_papers_protocol(path):
     assert args.optim == "sgd" and "momentum=0.9" in args.optim_args and args.weight_decay == 0
     assert args.sp_penalty in ("l2_sp", "l2") and args.sp_alpha > 0 and args.sp_beta > 0
     assert args.lr_scheduler_type == "warmup_stable_decay"
+    if "caltech256" in path.stem:  # Caltech256-30: 30 train images per class
+        assert data_args.shots_per_class == {"train": 30}
 
 
 @pytest.mark.parametrize("path", PAPER_CONFIGS, ids=lambda p: p.stem)
@@ -303,8 +305,49 @@ def test_sweep_configs_parse_and_compare_against_l2_with_three_seeds(path):
     config = parse_args(["--config", str(path)])
     assert "l2" in config.methods and "l2_sp" in config.methods
     assert len(config.seeds) >= 3
-    assert Path(config.data_dir).name in ("dtd10", "caltech101")
     assert config.output_dir.startswith("results/")
+    # the public source and the selection of our data sets, nothing that only exists beside this repository
+    assert "shared" not in path.read_text() and config.data_dir is None and "/" in config.dataset_name
+    assert config.resplit
+    if "caltech101" in path.stem:
+        assert config.shots_per_class == {"train": 20, "validation": 5, "test": 20}
+        assert config.exclude_classes == ["background_google", "faces_easy"]
+    else:
+        assert config.shots_per_class == {"train": 40, "validation": 40, "test": 40}
+        assert len(config.classes) == 10 and config.classes[0] == "banded" and config.classes[-1] == "crystalline"
+    # a local copy replaces the Hub source and keeps the selection
+    local = parse_args(["--config", str(path), "--data_dir", "copy/images"])
+    assert local.dataset_name is None and local.shots_per_class == config.shots_per_class
+    assert reproduce.data_options(local)["train_dir"] == "copy/images"
+
+
+@pytest.mark.slow
+def test_sweep_on_a_hub_style_data_set_with_classes_and_shots(tmp_path):
+    from test_data_selection import hub_style_folder
+
+    source = hub_style_folder(tmp_path / "hub", with_names=True)  # what load_dataset(<Hub id>) reads, offline
+    yaml_file = tmp_path / "sweep.yaml"
+    yaml_file.write_text(
+        f"dataset_name: {source}\noutput_dir: {tmp_path / 'sweep'}\nclasses: [cat, owl]\nresplit: true\n"
+        "shots_per_class: {train: 4, validation: 3, test: 3}\n"
+    )
+    args = ["--methods", "l2_sp", "--alpha_grid", "l2_sp=0.1", "--seeds", "0", "--image_size", "32"]
+    args += ["--num_train_epochs", "1", "--batch_size", "4", "--probe_c_grid", "1", "--diagnostics", "false"]
+    config = parse_args(["--config", str(yaml_file), *args])
+    config.extra_args = ["--use_cpu", "--disable_tqdm", "true"]
+    report = reproduce.run_sweep(config)
+    (run,) = report["runs"]
+    assert run["status"] == "ok"
+    results = json.loads((Path(config.output_dir) / run["run_dir"] / "all_results.json").read_text())
+    # the run (the CLI's job) saw the selection: 2 classes x 4 train, 2 x 3 val and test
+    assert (results["train_samples"], results["eval_samples"], results["test_samples"]) == (8, 6, 6)
+    probe = report["linear_probe"]
+    assert 0 <= probe["test_accuracy"] <= 1 and "grid" in probe
+    assert (
+        (Path(config.output_dir) / "results.md")
+        .read_text()
+        .startswith(f"# Fine-tuning {config.model_name_or_path} on hub:")
+    )
 
 
 def test_difference_to_l2_with_its_standard_error():

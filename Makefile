@@ -1,0 +1,42 @@
+# Two commands on a bare clone (each creates .venv and installs what is missing, then only runs):
+#     make run     the offline default fine-tuning (scripts/finetune.py; arguments in ARGS="...")
+#     make test    the test suite (pytest arguments in PYTEST_ARGS="...")
+# The torch build is TORCH, e.g. make test TORCH="torch torchvision --index-url https://download.pytorch.org/whl/cu128"
+# (the default pair is the CPU build that CI installs). `make lint` runs ruff.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+ARGS ?=
+PYTEST_ARGS ?=
+
+BIN := $(VENV)/bin
+# one stamp per TORCH value: another build is installed when TORCH changes
+TORCH_STAMP := $(VENV)/.torch-$(shell printf "%s" "$(TORCH)" | cksum | cut -d " " -f 1)
+# the package and its dev extras, installed again when pyproject.toml changes
+DEV_STAMP := $(VENV)/.dev-installed
+
+.PHONY: run test lint install
+
+run: install
+	$(BIN)/accelerate launch scripts/finetune.py $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check hf_sp tests scripts
+
+install: $(DEV_STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+
+$(TORCH_STAMP): | $(BIN)/python
+	$(BIN)/python -m pip install $(TORCH)
+	rm -f $(VENV)/.torch-* && touch $@
+
+$(DEV_STAMP): pyproject.toml $(TORCH_STAMP)
+	$(BIN)/python -m pip install -e ".[dev]"
+	touch $@
