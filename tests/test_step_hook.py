@@ -1,0 +1,119 @@
+"""The step hook under the Trainer setups that touch gradients or weights around the optimizer step.
+
+fp16 loss scaling is reproduced on CPU with ``torch.amp.GradScaler("cpu")`` on the accelerator: the gradients reach
+the optimizer scaled, exactly as on a GPU, and fused optimizers get the scale to divide by in their own kernel.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import RandomImages, make_args, tiny_vit
+from transformers import TrainerCallback
+
+from hf_sp import SPTrainer
+from hf_sp.regularizer import ANCHOR_KEY
+
+#: The tensor the callbacks below act on: an anchored kernel of tiny_vit.
+ANCHORED = "vit.layers.0.mlp.fc2.weight"
+
+
+def params(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def use_grad_scaler(trainer: SPTrainer, *, unscaled_before_step: bool) -> torch.amp.GradScaler:
+    """Give the trainer's accelerator a CPU GradScaler, as ``fp16=True`` does on a GPU.
+
+    ``unscaled_before_step``: accelerate unscales the gradients when Trainer computes their norm (transformers 5.24
+    always does; 5.0 only with ``max_grad_norm > 0``); otherwise they reach ``optimizer.step()`` still scaled.
+    """
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    accelerator = trainer.accelerator
+    accelerator.scaler = scaler
+    if unscaled_before_step:
+
+        def unscale_gradients(optimizer=None):
+            scaler.unscale_(getattr(trainer.optimizer, "optimizer", trainer.optimizer))
+
+        accelerator.unscale_gradients = unscale_gradients
+    return scaler
+
+
+#: Adam and a strong penalty: a penalty gradient lost or rescaled shows in every weight.
+SETTINGS = dict(sp_alpha=5.0, sp_beta=0.5, max_steps=4, optim="adamw_torch")
+
+
+def train(tmp_path, *, scaler: str | None = None, callbacks=(), resume: str | None = None, **kwargs) -> SPTrainer:
+    args = make_args(tmp_path, **{**SETTINGS, **kwargs})
+    trainer = SPTrainer(model=tiny_vit(), args=args, train_dataset=RandomImages(), callbacks=list(callbacks))
+    if scaler is not None:
+        use_grad_scaler(trainer, unscaled_before_step=scaler == "unscaled_before_step")
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch", "adamw_torch_fused"])
+@pytest.mark.parametrize(
+    "scaler, max_grad_norm",
+    [("scaled_at_step", 0.0), ("unscaled_before_step", 0.0), ("unscaled_before_step", 1.0)],
+)
+def test_fp16_loss_scaling_leaves_the_run_bit_identical(tmp_path, optim, scaler, max_grad_norm):
+    """A fused optimizer divides the still-scaled gradients by the loss scale in its kernel: the penalty's too."""
+    common = dict(optim=optim, max_grad_norm=max_grad_norm)
+    expected = params(train(tmp_path / "plain", **common).model)
+    got = params(train(tmp_path / "scaled", scaler=scaler, **common).model)
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name
+
+
+class OverflowAt(TrainerCallback):
+    """Makes one gradient infinite at one step (an fp16 overflow) and records the weights after every step."""
+
+    def __init__(self, step: int):
+        self.step, self.weights, self.handle = step, [], None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        def hook(grad):
+            return grad * float("inf") if state.global_step == self.step else grad
+
+        self.handle = model.get_parameter(ANCHORED).register_hook(hook)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.weights.append(params(model))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.handle.remove()
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch", "adamw_torch_fused"])
+@pytest.mark.parametrize("mode", ["gradient", "decoupled"])
+def test_a_step_the_scaler_skips_moves_no_weight(tmp_path, optim, mode):
+    overflow = OverflowAt(step=2)
+    trainer = train(tmp_path, scaler="scaled_at_step", callbacks=[overflow], optim=optim, sp_mode=mode)
+    before, skipped, after = overflow.weights[1:4]
+    for name, value in before.items():
+        assert torch.equal(skipped[name], value), name
+    assert any(not torch.equal(after[n], skipped[n]) for n in skipped)  # the next step trains again
+    assert "sp_dist" not in trainer.state.log_history[2]  # nor is it counted in the penalty's averages
+
+
+class FreezeFirstStep(TrainerCallback):
+    """Gradual unfreezing: ``ANCHORED`` gets no gradient at the first optimizer step, one from the second on."""
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        model.get_parameter(ANCHORED).requires_grad_(state.global_step > 0)
+
+
+def test_a_tensor_without_gradient_at_the_first_step_is_anchored_on_its_pretrained_weights(tmp_path):
+    start = params(tiny_vit())
+    trainer = train(tmp_path, callbacks=[FreezeFirstStep()], save_strategy="steps", save_steps=2)
+    optimizer = trainer.optimizer.optimizer
+    p = trainer.model.get_parameter(ANCHORED)
+    assert torch.equal(optimizer.state[p][ANCHOR_KEY], start[ANCHORED])
+    assert not torch.equal(p.detach(), start[ANCHORED])  # it trained from step 2 on
+    assert trainer.sp_regularizer.missing_anchors(optimizer) == []
+    # its checkpoints resume
+    again = train(tmp_path, max_steps=5, resume=str(tmp_path / "out" / "checkpoint-2"))
+    anchor = again.optimizer.optimizer.state[again.model.get_parameter(ANCHORED)][ANCHOR_KEY]
+    assert torch.equal(anchor, start[ANCHORED])
