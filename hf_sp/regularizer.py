@@ -87,6 +87,10 @@ def _unscale_grads(optimizer: torch.optim.Optimizer) -> None:
     optimizer.grad_scale = None
 
 
+def _names_by_id(named_params: Iterable[tuple[str, nn.Parameter]]) -> dict[int, str]:
+    return {id(p): canonical_name(n) for n, p in named_params}
+
+
 class MissingAnchorError(RuntimeError):
     """The optimizer state has no anchor where one is required (a resume from a foreign checkpoint)."""
 
@@ -143,17 +147,20 @@ class SPRegularizer:
 
     # ----------------------------------------------------------------------------------------
     # Optimizer wiring
-    def prepare_optimizer(self, optimizer: torch.optim.Optimizer, named_params: Iterable[tuple[str, nn.Parameter]]):
+    def prepare_optimizer(
+        self, optimizer: torch.optim.Optimizer, named_params: Iterable[tuple[str, nn.Parameter]]
+    ) -> list[int]:
         """Split every param group by role (anchored / new / free) and hook the optimizer's step.
 
         Call before the first step. Each resulting group keeps the original group's settings and
         records its role and parameter names, which survive engines that rebuild the parameters.
+        Returns the index of the original group of each new group (for :func:`hf_sp.schedulers.follow_split_groups`).
         """
         if any(optimizer.state.values()):
             raise RuntimeError("prepare_optimizer must be called before the optimizer's first step.")
-        names = {id(p): canonical_name(n) for n, p in named_params}
-        groups = []
-        for group in optimizer.param_groups:
+        names = _names_by_id(named_params)
+        groups, origins = [], []
+        for index, group in enumerate(optimizer.param_groups):
             by_role: dict[str, list] = {"anchored": [], "new": [], "free": []}
             for p in group["params"]:
                 name = names.get(id(p))
@@ -163,11 +170,35 @@ class SPRegularizer:
                     groups.append(
                         {**group, "params": params, ROLE_KEY: role, NAMES_KEY: [names.get(id(p)) for p in params]}
                     )
+                    origins.append(index)
         optimizer.param_groups = groups
         if id(optimizer) not in self._hooked:
             optimizer.register_step_pre_hook(self._pre_step)
             optimizer.register_step_post_hook(self._post_step)
             self._hooked.add(id(optimizer))
+        return origins
+
+    def check_weight_decay(
+        self, optimizer: torch.optim.Optimizer, named_params: Iterable[tuple[str, nn.Parameter]]
+    ) -> None:
+        """Refuse an optimizer's own ``weight_decay`` on penalized (anchored or new) tensors.
+
+        A decay toward zero on top of the penalty silently changes the method, whoever set it: ``SPConfig`` refuses
+        ``weight_decay``, and this refuses it in an optimizer built by the user (``torch.optim.AdamW`` decays by
+        0.01 unless told otherwise).
+        """
+        names = _names_by_id(named_params)
+        for index, group in enumerate(optimizer.param_groups):
+            decay = group.get("weight_decay") or 0.0
+            penalized = [names[id(p)] for p in group["params"] if self.split.role(names.get(id(p), "")) != "free"]
+            if decay and penalized:
+                raise ValueError(
+                    f"The optimizer's param group {index} has weight_decay={decay}, which would decay "
+                    f"{penalized[0]!r} ({len(penalized)} penalized tensors in all) toward zero on top of "
+                    f"sp_penalty={self.info.name!r}. Build the optimizer with weight_decay=0.0 (e.g. "
+                    "torch.optim.AdamW(params, weight_decay=0.0)): sp_alpha regularizes the pretrained tensors and "
+                    "sp_beta the new head."
+                )
 
     def missing_anchors(self, optimizer: torch.optim.Optimizer) -> list[str]:
         """Names of anchored parameters whose optimizer state has no anchor."""

@@ -19,6 +19,7 @@ from .model_card import SPCardInfo, hyperparameters_from_args, render_model_card
 from .models import is_timm_model, timm_layout_state_dict, wrap_timm_model
 from .penalties import get_penalty_info
 from .regularizer import MissingAnchorError, SPRegularizer
+from .schedulers import check_scheduler, follow_split_groups
 from .selection import ParamSplit, split_parameters
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,10 @@ class SPTrainer(Trainer):
         self._sp_resuming = False
         super().__init__(model, args, *pos, **kwargs)
         self._sp_setup(self.model)  # validates the settings against the model now, before any training
+        if self.sp_regularizer is not None and self.optimizer is not None:  # optimizers=(optimizer, scheduler)
+            self.sp_regularizer.check_weight_decay(self.optimizer, self.model.named_parameters())
+            if self.lr_scheduler is not None:
+                check_scheduler(self.lr_scheduler)
 
     # ----------------------------------------------------------------------------------------
     # Setup: one regularizer per model (a new one for each hyperparameter-search trial)
@@ -130,7 +135,10 @@ class SPTrainer(Trainer):
             )
         if reg.info.needs_fisher and not reg.fisher and reg.capture_allowed:
             reg.fisher = self._sp_estimate_fisher(reg.split)
-        reg.prepare_optimizer(raw, opt_model.named_parameters())
+        reg.check_weight_decay(raw, opt_model.named_parameters())
+        origins = reg.prepare_optimizer(raw, opt_model.named_parameters())
+        if self.lr_scheduler is not None:  # passed in optimizers=(optimizer, scheduler), built on the unsplit groups
+            follow_split_groups(self.lr_scheduler, origins)
         logger.info(
             "hf_sp: %s (alpha=%g, beta=%g, %s mode). %s",
             reg.info.name,

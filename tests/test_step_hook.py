@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import RandomImages, make_args, tiny_vit
-from transformers import TrainerCallback
+from transformers import TrainerCallback, get_linear_schedule_with_warmup
 
 from hf_sp import SPTrainer
 from hf_sp.regularizer import ANCHOR_KEY
@@ -117,3 +117,70 @@ def test_a_tensor_without_gradient_at_the_first_step_is_anchored_on_its_pretrain
     again = train(tmp_path, max_steps=5, resume=str(tmp_path / "out" / "checkpoint-2"))
     anchor = again.optimizer.optimizer.state[again.model.get_parameter(ANCHORED)][ANCHOR_KEY]
     assert torch.equal(anchor, start[ANCHORED])
+
+
+class GroupLearningRates(TrainerCallback):
+    """The learning rate of every parameter group, by the group's first parameter name, after each step."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        self.steps.append({g["sp_names"][0]: g["lr"] for g in optimizer.optimizer.param_groups})
+
+
+def test_a_user_scheduler_drives_every_split_group(tmp_path):
+    """optimizers=(optimizer, scheduler): each group split by role follows the schedule of the group it came from."""
+    model = tiny_vit()
+    body = [p for n, p in model.named_parameters() if not n.startswith("classifier.")]
+    head = [p for n, p in model.named_parameters() if n.startswith("classifier.")]
+    optimizer = torch.optim.SGD([{"params": body, "lr": 0.01}, {"params": head, "lr": 0.1}], lr=0.05)
+    scheduler = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=2, num_training_steps=6)
+    lrs = GroupLearningRates()
+    args = make_args(tmp_path, max_steps=6, sp_alpha=0.5)
+    trainer = SPTrainer(
+        model=model, args=args, train_dataset=RandomImages(), optimizers=(optimizer, scheduler), callbacks=[lrs]
+    )
+    trainer.train()
+    roles = {g["sp_role"] for g in optimizer.param_groups}
+    assert len(optimizer.param_groups) == 4 and roles == {"anchored", "new", "free"}
+    assert len(lrs.steps) == 6
+    for step, by_group in enumerate(lrs.steps, start=1):
+        factor = step / 2 if step < 2 else (6 - step) / 4
+        for name, lr in by_group.items():
+            assert lr == pytest.approx((0.1 if name.startswith("classifier.") else 0.01) * factor), (step, name)
+
+
+class StepEvery:
+    """A scheduler of one's own, not a torch one: its per-group state is unknown."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    def step(self):
+        pass
+
+    def get_last_lr(self):
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+
+def test_a_scheduler_that_cannot_follow_the_split_is_refused_at_construction(tmp_path):
+    model = tiny_vit()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    with pytest.raises(ValueError, match=r"optimizers=\(optimizer, scheduler\).*optimizers=\(optimizer, None\)"):
+        SPTrainer(model=model, args=make_args(tmp_path), optimizers=(optimizer, StepEvery(optimizer)))
+
+
+def test_a_user_optimizers_own_weight_decay_is_refused_at_construction(tmp_path):
+    model = tiny_vit()
+    decaying = torch.optim.AdamW(model.parameters(), lr=0.01)  # weight_decay=0.01 by default
+    with pytest.raises(ValueError, match=r"weight_decay=0.01.*'vit\..*weight_decay=0.0"):
+        SPTrainer(model=model, args=make_args(tmp_path), optimizers=(decaying, None))
+    # without decay, or with decay on the free tensors only (biases, norms), it trains
+    free = [p for n, p in model.named_parameters() if not n.endswith(".weight") or "layernorm" in n]
+    rest = [p for n, p in model.named_parameters() if all(p is not q for q in free)]
+    optimizer = torch.optim.AdamW([{"params": rest, "weight_decay": 0.0}, {"params": free}], lr=0.01)
+    args = make_args(tmp_path, max_steps=1)
+    SPTrainer(model=model, args=args, train_dataset=RandomImages(), optimizers=(optimizer, None)).train()
+    # plain fine-tuning keeps the optimizer as it is
+    SPTrainer(model=tiny_vit(), args=make_args(tmp_path, sp_penalty="none"), optimizers=(decaying, None))
