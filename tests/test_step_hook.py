@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import RandomImages, make_args, tiny_vit
-from transformers import TrainerCallback, get_linear_schedule_with_warmup
+from conftest import RandomImages, make_args, tiny_timm_cnn, tiny_vit
+from transformers import Trainer, TrainerCallback, TrainingArguments, get_linear_schedule_with_warmup
 
-from hf_sp import SPTrainer
+from hf_sp import SPConfig, SPTrainer
+from hf_sp.models import is_timm_model, wrap_timm_model
 from hf_sp.regularizer import ANCHOR_KEY
 
 #: The tensor the callbacks below act on: an anchored kernel of tiny_vit.
@@ -184,3 +185,85 @@ def test_a_user_optimizers_own_weight_decay_is_refused_at_construction(tmp_path)
     SPTrainer(model=model, args=args, train_dataset=RandomImages(), optimizers=(optimizer, None)).train()
     # plain fine-tuning keeps the optimizer as it is
     SPTrainer(model=tiny_vit(), args=make_args(tmp_path, sp_penalty="none"), optimizers=(decaying, None))
+
+
+def plain_model(make_model):
+    model = make_model()
+    return wrap_timm_model(model) if is_timm_model(model) else model
+
+
+#: Keys of Trainer's logs that measure time: they differ between any two runs.
+TIMING = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
+
+
+@pytest.mark.parametrize(
+    "make_model, mode",
+    [(tiny_vit, "gradient"), (tiny_vit, "decoupled"), (tiny_timm_cnn, "gradient")],
+    ids=["hf_vit", "hf_vit_decoupled", "timm_resnet_bn"],
+)
+def test_an_active_penalty_at_zero_strength_is_plain_trainer_bit_for_bit(tmp_path, make_model, mode):
+    """Trainer's defaults (AdamW, clipping, warmup): weights and logs equal Trainer's, apart from the sp_* entries."""
+    common = dict(
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        logging_steps=1,
+        max_steps=4,
+        seed=0,
+        per_device_train_batch_size=4,
+        learning_rate=0.01,
+        warmup_steps=2,
+        max_grad_norm=0.5,
+    )
+    plain = Trainer(
+        model=plain_model(make_model),
+        args=TrainingArguments(output_dir=str(tmp_path / "plain"), **common),
+        train_dataset=RandomImages(),
+    )
+    plain.train()
+    args = SPConfig(output_dir=str(tmp_path / "sp"), sp_alpha=0.0, sp_beta=0.0, sp_mode=mode, **common)
+    sp = SPTrainer(model=make_model(), args=args, train_dataset=RandomImages())
+    sp.train()
+    expected, got = params(plain.model), params(sp.model)
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name
+    start = params(plain_model(make_model))
+    assert any(not torch.equal(got[name], start[name]) for name in start)  # and it trained
+
+    def drop(entry):
+        return {k: v for k, v in entry.items() if not k.startswith("sp_") and k not in TIMING}
+
+    assert [drop(e) for e in sp.state.log_history] == [drop(e) for e in plain.state.log_history]
+    assert all("sp_dist" in e for e in sp.state.log_history if "loss" in e)
+
+
+def test_gradient_checkpointing_leaves_the_run_bit_identical(tmp_path):
+    expected = params(train(tmp_path / "plain").model)
+    got = params(train(tmp_path / "checkpointed", gradient_checkpointing=True).model)
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name
+
+
+class OutOfMemoryOnce(TrainerCallback):
+    """The first attempt runs out of memory after two optimizer steps (as a larger batch can, late in a step)."""
+
+    def __init__(self):
+        self.raised = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 2 and not self.raised:
+            self.raised = True
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_auto_find_batch_size_restart_keeps_the_pretrained_anchor(tmp_path):
+    """Trainer restarts with a smaller batch on the weights trained so far; the anchor stays the pretrained one."""
+    start = params(tiny_vit())
+    oom = OutOfMemoryOnce()
+    trainer = train(tmp_path, callbacks=[oom], auto_find_batch_size=True, per_device_train_batch_size=8)
+    assert oom.raised and trainer._train_batch_size < 8  # it did restart
+    optimizer = trainer.optimizer.optimizer
+    for name in trainer.sp_regularizer.split.anchored:
+        assert torch.equal(optimizer.state[trainer.model.get_parameter(name)][ANCHOR_KEY], start[name]), name
