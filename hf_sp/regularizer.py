@@ -248,6 +248,8 @@ class SPRegularizer:
         return fisher
 
     def _state(self, optimizer, name, p) -> dict[str, torch.Tensor]:
+        if p in self._parked:
+            return self._parked[p]
         state = optimizer.state.get(p, {})
         if ANCHOR_KEY in state:
             if state.keys() <= _OWN_KEYS:
