@@ -137,6 +137,8 @@ class SPRegularizer:
         self._pending: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
         #: Anchors lifted out of the state of tensors that the optimizer has not initialised yet, for one step.
         self._parked: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+        #: Tensors the optimizer has stepped with their anchor lifted out once: no need to lift it again.
+        self._initialised: set[torch.Tensor] = set()
         self.all_reduce = all_reduce
         #: Per-step (alpha-free body value, head value, ||w_S - w0_S||^2), shard-local, not yet folded.
         self._records: list[torch.Tensor] = []
@@ -252,7 +254,7 @@ class SPRegularizer:
             return self._parked[p]
         state = optimizer.state.get(p, {})
         if ANCHOR_KEY in state:
-            if state.keys() <= _OWN_KEYS:
+            if state.keys() <= _OWN_KEYS and p not in self._initialised:
                 # The anchor was taken before this tensor's first gradient: torch's optimizers initialise a tensor's
                 # state when it is empty (``len(state) == 0``), so it is lifted out for this step and put back after.
                 self._parked[p] = dict(state)
@@ -356,6 +358,7 @@ class SPRegularizer:
     def _post_step(self, optimizer, args, kwargs) -> None:
         for p, entry in self._parked.items():
             optimizer.state[p].update(entry)
+        self._initialised.update(self._parked)
         self._parked.clear()
         if self._pending:
             for p, entry in self._pending.items():
