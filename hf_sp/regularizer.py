@@ -32,6 +32,7 @@ FISHER_KEY = "sp_fisher"
 ROLE_KEY = "sp_role"
 NAMES_KEY = "sp_names"
 MODES = ("gradient", "decoupled")
+_OWN_KEYS = {ANCHOR_KEY, FISHER_KEY}
 
 #: Elements per multi-tensor call: bounds the temporary ``w - w0`` buffers to 64 MiB of fp32.
 CHUNK_NUMEL = 1 << 24
@@ -65,6 +66,29 @@ def _chunks(items: list, sizes: list[int], limit: int) -> Iterator[list]:
         total += size
     if chunk:
         yield chunk
+
+
+def _unscale_grads(optimizer: torch.optim.Optimizer) -> None:
+    """Divide the gradients by ``optimizer.grad_scale`` now, as ``GradScaler.unscale_`` does, and tell the kernel.
+
+    The fused kernel would divide every gradient by the loss scale, a penalty gradient added to the still-scaled
+    gradients included, which would then vanish. Unscaling first makes the step the same, bit for bit, as with an
+    unscaled (or non-fused) optimizer. GradScaler reads no gradient after this point; it deletes the attribute.
+    """
+    inv_scale = optimizer.grad_scale.double().reciprocal().float()
+    grads: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                g = _local(p.grad)
+                grads.setdefault((g.device, g.dtype), []).append(g)
+    for (device, _), tensors in grads.items():
+        torch._foreach_mul_(tensors, inv_scale.to(device))
+    optimizer.grad_scale = None
+
+
+def _names_by_id(named_params: Iterable[tuple[str, nn.Parameter]]) -> dict[int, str]:
+    return {id(p): canonical_name(n) for n, p in named_params}
 
 
 class MissingAnchorError(RuntimeError):
@@ -111,6 +135,10 @@ class SPRegularizer:
         #: Called once the anchor is captured (the trainer marks the model as anchored).
         self.on_capture: Callable[[], None] | None = None
         self._pending: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+        #: Anchors lifted out of the state of tensors that the optimizer has not initialised yet, for one step.
+        self._parked: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+        #: Tensors the optimizer has stepped with their anchor lifted out once: no need to lift it again.
+        self._initialised: set[torch.Tensor] = set()
         self.all_reduce = all_reduce
         #: Per-step (alpha-free body value, head value, ||w_S - w0_S||^2), shard-local, not yet folded.
         self._records: list[torch.Tensor] = []
@@ -121,17 +149,20 @@ class SPRegularizer:
 
     # ----------------------------------------------------------------------------------------
     # Optimizer wiring
-    def prepare_optimizer(self, optimizer: torch.optim.Optimizer, named_params: Iterable[tuple[str, nn.Parameter]]):
+    def prepare_optimizer(
+        self, optimizer: torch.optim.Optimizer, named_params: Iterable[tuple[str, nn.Parameter]]
+    ) -> list[int]:
         """Split every param group by role (anchored / new / free) and hook the optimizer's step.
 
         Call before the first step. Each resulting group keeps the original group's settings and
         records its role and parameter names, which survive engines that rebuild the parameters.
+        Returns the index of the original group of each new group (for :func:`hf_sp.schedulers.follow_split_groups`).
         """
         if any(optimizer.state.values()):
             raise RuntimeError("prepare_optimizer must be called before the optimizer's first step.")
-        names = {id(p): canonical_name(n) for n, p in named_params}
-        groups = []
-        for group in optimizer.param_groups:
+        names = _names_by_id(named_params)
+        groups, origins = [], []
+        for index, group in enumerate(optimizer.param_groups):
             by_role: dict[str, list] = {"anchored": [], "new": [], "free": []}
             for p in group["params"]:
                 name = names.get(id(p))
@@ -141,11 +172,35 @@ class SPRegularizer:
                     groups.append(
                         {**group, "params": params, ROLE_KEY: role, NAMES_KEY: [names.get(id(p)) for p in params]}
                     )
+                    origins.append(index)
         optimizer.param_groups = groups
         if id(optimizer) not in self._hooked:
             optimizer.register_step_pre_hook(self._pre_step)
             optimizer.register_step_post_hook(self._post_step)
             self._hooked.add(id(optimizer))
+        return origins
+
+    def check_weight_decay(
+        self, optimizer: torch.optim.Optimizer, named_params: Iterable[tuple[str, nn.Parameter]]
+    ) -> None:
+        """Refuse an optimizer's own ``weight_decay`` on penalized (anchored or new) tensors.
+
+        A decay toward zero on top of the penalty silently changes the method, whoever set it: ``SPConfig`` refuses
+        ``weight_decay``, and this refuses it in an optimizer built by the user (``torch.optim.AdamW`` decays by
+        0.01 unless told otherwise).
+        """
+        names = _names_by_id(named_params)
+        for index, group in enumerate(optimizer.param_groups):
+            decay = group.get("weight_decay") or 0.0
+            penalized = [names[id(p)] for p in group["params"] if self.split.role(names.get(id(p), "")) != "free"]
+            if decay and penalized:
+                raise ValueError(
+                    f"The optimizer's param group {index} has weight_decay={decay}, which would decay "
+                    f"{penalized[0]!r} ({len(penalized)} penalized tensors in all) toward zero on top of "
+                    f"sp_penalty={self.info.name!r}. Build the optimizer with weight_decay=0.0 (e.g. "
+                    "torch.optim.AdamW(params, weight_decay=0.0)): sp_alpha regularizes the pretrained tensors and "
+                    "sp_beta the new head."
+                )
 
     def missing_anchors(self, optimizer: torch.optim.Optimizer) -> list[str]:
         """Names of anchored parameters whose optimizer state has no anchor."""
@@ -195,29 +250,66 @@ class SPRegularizer:
         return fisher
 
     def _state(self, optimizer, name, p) -> dict[str, torch.Tensor]:
+        if p in self._parked:
+            return self._parked[p]
         state = optimizer.state.get(p, {})
         if ANCHOR_KEY in state:
+            if state.keys() <= _OWN_KEYS and p not in self._initialised:
+                # The anchor was taken before this tensor's first gradient: torch's optimizers initialise a tensor's
+                # state when it is empty (``len(state) == 0``), so it is lifted out for this step and put back after.
+                self._parked[p] = dict(state)
+                state.clear()
+                return self._parked[p]
             return state
         return self._pending.get(p) or self._capture(name, p)
 
+    def _names(self, group: dict) -> list[str | None]:
+        """The parameter names of an anchored or new group, ``None`` each where the engine flattened the group."""
+        names = group.get(NAMES_KEY) or []
+        if len(names) == len(group["params"]):
+            return names
+        # The engine flattened the group (DeepSpeed ZeRO): elementwise penalties need no names.
+        if not self.info.elementwise or self.info.needs_fisher:
+            raise RuntimeError(
+                f"sp_penalty={self.info.name!r} needs to know which tensor is which, but the training "
+                "engine flattened the optimizer's parameter groups (DeepSpeed ZeRO). Use an elementwise "
+                "penalty (l2, l2_sp, l1_sp) with this engine, or FSDP2."
+            )
+        return [None] * len(group["params"])
+
+    def _capture_all(self, optimizer: torch.optim.Optimizer) -> None:
+        """Take ``w0`` of every anchored tensor, with or without a gradient at this first step.
+
+        A tensor that gets no gradient now (frozen for a while by gradual unfreezing, an unused branch) is not
+        moved by this step either, so its weights now are its pretrained ones.
+        """
+        for group in optimizer.param_groups:
+            if group.get(ROLE_KEY) == "anchored":
+                for name, p in zip(self._names(group), group["params"], strict=True):
+                    if ANCHOR_KEY not in optimizer.state.get(p, {}) and p not in self._pending:
+                        self._capture(name, p)
+
     @torch.no_grad()
     def _pre_step(self, optimizer, args, kwargs) -> None:
+        # GradScaler hands optimizers that unscale in their own kernel (fused AdamW / SGD: _step_supports_amp_scaling)
+        # two tensors for this step. ``found_inf``: the gradients overflowed and the kernel will skip the update, as
+        # GradScaler skips the call of any other optimizer; the penalty skips it too (a decoupled pull would move
+        # the weights), and takes no record or anchor from it. ``grad_scale``: nobody unscaled the gradients yet.
+        found_inf = getattr(optimizer, "found_inf", None)
+        if found_inf is not None and bool(found_inf):
+            return
+        if getattr(optimizer, "grad_scale", None) is not None and self.mode == "gradient":
+            _unscale_grads(optimizer)
+        if self.capture_allowed:
+            self._capture_all(optimizer)
         sums: tuple[list, list, list] = ([], [], [])  # alpha-free body value, head value, ||w - w0||^2
         for group in optimizer.param_groups:
             role = group.get(ROLE_KEY)
             strength = {"anchored": self.alpha, "new": self.beta}.get(role, 0.0)
             if role == "free" or role is None or (role == "new" and strength == 0.0):
                 continue
-            names = group.get(NAMES_KEY) or []
-            if len(names) != len(group["params"]):
-                # The engine flattened the group (DeepSpeed ZeRO): elementwise penalties need no names.
-                if not self.info.elementwise or self.info.needs_fisher:
-                    raise RuntimeError(
-                        f"sp_penalty={self.info.name!r} needs to know which tensor is which, but the training "
-                        "engine flattened the optimizer's parameter groups (DeepSpeed ZeRO). Use an elementwise "
-                        "penalty (l2, l2_sp, l1_sp) with this engine, or FSDP2."
-                    )
-                names = [None] * len(group["params"])
+            names = self._names(group)
+            # A tensor without a gradient is not updated by the optimizer at this step: neither is its penalty.
             items = [(n, p) for n, p in zip(names, group["params"], strict=True) if p.grad is not None]
             if role == "anchored" and not self.info.elementwise:
                 self._check_structure(items)
@@ -264,6 +356,10 @@ class SPRegularizer:
         return result
 
     def _post_step(self, optimizer, args, kwargs) -> None:
+        for p, entry in self._parked.items():
+            optimizer.state[p].update(entry)
+        self._initialised.update(self._parked)
+        self._parked.clear()
         if self._pending:
             for p, entry in self._pending.items():
                 optimizer.state[p].update(entry)

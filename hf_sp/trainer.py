@@ -21,6 +21,7 @@ from .methods.penalty import missing_anchor_error
 from .model_card import SPCardInfo, hyperparameters_from_args, render_model_card
 from .models import is_timm_model, timm_layout_state_dict, wrap_timm_model
 from .regularizer import MissingAnchorError, SPRegularizer
+from .schedulers import check_scheduler, follow_split_groups
 from .selection import ParamSplit, split_parameters
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,8 @@ class SPTrainer(Trainer):
         self._sp_optimizer_id: int | None = None
         super().__init__(model, args, *pos, **kwargs)
         self._sp_attach(self.model)  # validates the settings against the model now, before any training
+        if self.optimizer is not None and self.sp_methods:  # optimizers=(optimizer, scheduler): checked now
+            self._sp_check_user_optimizer()
 
     # ----------------------------------------------------------------------------------------
     # The methods and what they see
@@ -169,11 +172,32 @@ class SPTrainer(Trainer):
         raw = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer on a second train()
         if not self.sp_methods or id(raw) == self._sp_optimizer_id:
             return optimizer
+        self._sp_check_user_optimizer(raw)  # before any split: the groups are the user's own
         for method in self.sp_methods:
             method.configure_optimizer(self._sp_context, raw)
+        penalty = self._sp_method("penalty")
+        if self.lr_scheduler is not None and penalty is not None:
+            # passed in optimizers=(optimizer, scheduler), built on the groups before the split by role
+            follow_split_groups(self.lr_scheduler, penalty.origins)
         raw.register_step_post_hook(lambda *_: setattr(opt_model, STARTED_ATTR, True))
         self._sp_optimizer_id = id(raw)
         return optimizer
+
+    def _sp_check_user_optimizer(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Refuse a user's optimizer or scheduler (``optimizers=(...)``) that would silently change the method."""
+        optimizer = optimizer if optimizer is not None else getattr(self.optimizer, "optimizer", self.optimizer)
+        penalty = self._sp_method("penalty")
+        if penalty is not None:
+            penalty.regularizer.check_weight_decay(optimizer, self.model.named_parameters())
+        if self.lr_scheduler is None:
+            return
+        check_scheduler(self.lr_scheduler)
+        if self._sp_method("learning_rates") is not None:
+            raise ValueError(
+                "sp_body_lr_scale / sp_layer_decay set per-group learning rates, which a scheduler passed in "
+                "optimizers=(optimizer, scheduler) cannot follow (it was built on the groups before the split). Pass "
+                "optimizers=(optimizer, None) with lr_scheduler_type / lr_scheduler_kwargs in SPConfig instead."
+            )
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if not self.sp_methods or checkpoint is None or self.is_deepspeed_enabled:

@@ -17,9 +17,9 @@ make ``t = 0`` the source weights with target statistics, not the start). Under
 ``sp_batchnorm="frozen"`` they never changed, and stay. Integer buffers (batch counters) keep their
 fine-tuned value.
 
-``w_start`` of every trainable tensor is captured at the first optimizer step of a fresh run into
-the optimizer state (``sp_start``, or the penalty's ``sp_anchor`` where it has one), so it travels
-with every checkpoint; the start's floating buffers are written beside each checkpoint
+``w_start`` of every trainable tensor is taken before the optimizer first steps it, and kept in the
+optimizer state (``sp_start``, or the penalty's ``sp_anchor`` where it has one), so it travels with
+every checkpoint (a tensor the optimizer never stepped is still at its start); the start's floating buffers are written beside each checkpoint
 (``sp_start_buffers.safetensors``).
 """
 
@@ -85,6 +85,7 @@ class Interpolation(TransferMethod):
     def __init__(self, args: Any) -> None:
         super().__init__(args)
         self._pending: dict[torch.Tensor, torch.Tensor] = {}
+        self._unsettled: set[torch.Tensor] = set()
         self._hooked: set[int] = set()
         self.start_buffers: dict[str, torch.Tensor] | None = None
         self.curve: dict[float, float] = {}
@@ -122,6 +123,7 @@ class Interpolation(TransferMethod):
 
     # --------------------------------------------------------------- the start, in the optimizer state
     def configure_optimizer(self, ctx: MethodContext, optimizer: torch.optim.Optimizer) -> None:
+        self._unsettled = {p for g in optimizer.param_groups for p in g["params"]}
         if id(optimizer) not in self._hooked:
             optimizer.register_step_pre_hook(self._pre_step)
             optimizer.register_step_post_hook(self._post_step)
@@ -129,25 +131,36 @@ class Interpolation(TransferMethod):
 
     @torch.no_grad()
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self.start_buffers is None:  # resumed: the start came back with the optimizer state
-            return
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                state = optimizer.state.get(p, {})
-                if START_KEY not in state and ANCHOR_KEY not in state and p not in self._pending:
-                    self._pending[p] = p.detach().to(torch.promote_types(p.dtype, torch.float32), copy=True)
+        # A tensor the optimizer has never stepped still holds its start: copy it now (the penalty's anchor, taken
+        # at the same step, serves instead where there is one).
+        for p in list(self._unsettled):
+            state = optimizer.state.get(p, {})
+            if START_KEY in state or ANCHOR_KEY in state:
+                self._unsettled.discard(p)
+            elif not state and p not in self._pending:
+                self._pending[p] = p.detach().to(torch.promote_types(p.dtype, torch.float32), copy=True)
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        # Added after the step: optimizers such as Adam initialise a parameter's state when it is empty. Where the
-        # penalty has just stored its anchor (the same weights, captured at the same step), the copy is dropped.
-        for p, start in self._pending.items():
-            if ANCHOR_KEY not in optimizer.state[p]:
-                optimizer.state[p][START_KEY] = start
-        self._pending.clear()
+        # Stored once the optimizer has initialised the tensor's state: optimizers such as Adam initialise a state
+        # only when it is empty. A tensor without gradient at this step was not moved: its copy stays pending.
+        for p in list(self._pending):
+            state = optimizer.state.get(p, {})
+            if ANCHOR_KEY in state:
+                del self._pending[p]
+            elif state:
+                state[START_KEY] = self._pending.pop(p)
 
-    def _start_of(self, optimizer: torch.optim.Optimizer, p: torch.Tensor) -> torch.Tensor | None:
+    def _start_of(self, optimizer: torch.optim.Optimizer, p: torch.Tensor) -> torch.Tensor:
         state = optimizer.state.get(p, {})
-        return state.get(ANCHOR_KEY, state.get(START_KEY))
+        start = state.get(ANCHOR_KEY, state.get(START_KEY, self._pending.get(p)))
+        if start is None and not state:
+            return p.detach().clone()  # never stepped: still at its start
+        if start is None:
+            raise RuntimeError(
+                "A tensor was trained without its start being recorded, so it cannot be interpolated. Resume from a "
+                "checkpoint written with sp_interpolation_grid set, or start again from the pretrained model."
+            )
+        return start
 
     # --------------------------------------------------------------- checkpoints
     def on_save(self, ctx: MethodContext, checkpoint: str) -> None:
@@ -173,9 +186,6 @@ class Interpolation(TransferMethod):
             return {}
         params = [p for g in optimizer.param_groups for p in g["params"]]
         starts = [self._start_of(optimizer, p) for p in params]
-        if any(s is None for s in starts):
-            logger.warning("hf_sp: no optimizer step was taken; nothing to interpolate.")
-            return {}
         buffers = _floating_buffers(ctx.model)
         buffer_names = [n for n in buffers if n in (self.start_buffers or {})]
         targets = params + [buffers[n] for n in buffer_names]

@@ -111,6 +111,8 @@ class StartingPointPenalty(TransferMethod):
     def __init__(self, args: Any) -> None:
         super().__init__(args)
         self.regularizer: SPRegularizer | None = None
+        #: The original group of each group after the split by role (a user's scheduler follows them).
+        self.origins: list[int] = []
 
     @classmethod
     def enabled(cls, args: Any) -> bool:
@@ -213,7 +215,7 @@ class StartingPointPenalty(TransferMethod):
 
     def configure_optimizer(self, ctx: MethodContext, optimizer: torch.optim.Optimizer) -> None:
         reg = self.regularizer
-        reg.prepare_optimizer(optimizer, ctx.model.named_parameters())
+        self.origins = reg.prepare_optimizer(optimizer, ctx.model.named_parameters())
         logger.info(
             "hf_sp: %s (alpha=%g, beta=%g, %s mode). %s", reg.info.name, reg.alpha, reg.beta, reg.mode,
             reg.split.summary(),
