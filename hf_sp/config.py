@@ -82,7 +82,12 @@ class SPConfig(TrainingArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        info = None if self.sp_penalty == "none" else get_penalty_info(self.sp_penalty)  # ValueError lists names
+        if self.sp_penalty not in list_penalties():
+            raise ValueError(
+                f"sp_penalty={self.sp_penalty!r} is not a known penalty. Known penalties: "
+                f"{', '.join(list_penalties())} (hf_sp.register_penalty adds one)."
+            )
+        info = None if self.sp_penalty == "none" else get_penalty_info(self.sp_penalty)
         for name in ("sp_alpha", "sp_beta"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:

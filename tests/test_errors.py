@@ -20,7 +20,7 @@ def test_alias():
 
 
 def test_unknown_penalty_lists_the_known_ones(tmp_path):
-    with pytest.raises(ValueError, match=r"Unknown penalty 'l2sp'. Known penalties: none, .*l2_sp"):
+    with pytest.raises(ValueError, match=r"sp_penalty='l2sp' is not a known penalty. Known penalties: none, .*l2_sp"):
         cfg(tmp_path, sp_penalty="l2sp")
 
 
