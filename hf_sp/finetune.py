@@ -24,6 +24,7 @@ from .config import SPConfig
 from .data import DIGITS, attach_transform, build_transforms, check_images, collate, load_image_dataset
 from .hub import PushError
 from .loading import PACKAGED_LITE0, load_model
+from .selection import check_new_not_anchored, new_modules
 
 logger = logging.getLogger("hf_sp.finetune")
 
@@ -217,6 +218,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: SPConfig) ->
     image_size = model_args.image_size or (DIGITS_IMAGE_SIZE if data_args.dataset_name == DIGITS else None)
     if image_size:
         loaded.set_image_size(image_size)  # the saved config then preprocesses as training did
+    if args.sp_head_modules is None and loaded.new_parameters:
+        # The source's own report of what it lacks is the truth about w_Sbar; structure is the fallback.
+        args.sp_head_modules = new_modules(loaded.model, loaded.new_parameters) or None
     train_tf, eval_tf = build_transforms(loaded.data_config, image_size)
     train = attach_transform(dataset["train"], train_tf if data_args.train_augmentation == "standard" else eval_tf)
     val = attach_transform(dataset["validation"], eval_tf)
@@ -231,6 +235,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: SPConfig) ->
         compute_metrics=build_compute_metrics(),
         processing_class=loaded.image_processor,
     )
+    if trainer.sp_regularizer is not None:
+        check_new_not_anchored(trainer.sp_regularizer.split, loaded.new_parameters, model_args.model_name_or_path)
     trainer.sp_card_context = {
         "base_model": loaded.base_model,
         "library": loaded.library,

@@ -121,15 +121,30 @@ class SPRegularizer:
 
     # ----------------------------------------------------------------------------------------
     # Optimizer wiring
-    def prepare_optimizer(self, optimizer: torch.optim.Optimizer, named_params: Iterable[tuple[str, nn.Parameter]]):
+    def prepare_optimizer(
+        self,
+        optimizer: torch.optim.Optimizer,
+        named_params: Iterable[tuple[str, nn.Parameter]],
+        *,
+        add_frozen: bool = False,
+    ):
         """Split every param group by role (anchored / new / free) and hook the optimizer's step.
 
         Call before the first step. Each resulting group keeps the original group's settings and
         records its role and parameter names, which survive engines that rebuild the parameters.
+        ``add_frozen`` adds the floating tensors that the optimizer lacks (Trainer leaves out those frozen
+        when it builds the optimizer), with the optimizer's defaults: they get no gradient, hence no update
+        and no penalty, while frozen, and train with their penalty once unfrozen.
         """
         if any(optimizer.state.values()):
             raise RuntimeError("prepare_optimizer must be called before the optimizer's first step.")
+        named_params = list(named_params)
         names = {id(p): canonical_name(n) for n, p in named_params}
+        if add_frozen:
+            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            missing = [p for n, p in named_params if id(p) not in held and canonical_name(n) in self.split.shapes]
+            if missing:
+                optimizer.add_param_group({"params": missing})
         groups = []
         for group in optimizer.param_groups:
             by_role: dict[str, list] = {"anchored": [], "new": [], "free": []}

@@ -80,9 +80,8 @@ class SPTrainer(Trainer):
         split: ParamSplit = split_parameters(model, include=args.sp_include, head_modules=args.sp_head_modules)
         if not split.anchored:
             raise ValueError(
-                f"Nothing left to anchor: no trainable pretrained tensor is penalized (sp_include={args.sp_include!r}, "
-                f"head modules {split.head_modules}). Unfreeze the body, use sp_include='all', or check "
-                "sp_head_modules."
+                f"Nothing left to anchor: no pretrained tensor is penalized (sp_include={args.sp_include!r}, "
+                f"head modules {split.head_modules}). Use sp_include='all', or check sp_head_modules."
             )
         fisher = None
         if info.needs_fisher and args.sp_fisher_path is not None:
@@ -111,6 +110,7 @@ class SPTrainer(Trainer):
     # ----------------------------------------------------------------------------------------
     # Optimizer: split groups by role and hook the step
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        built_here = self.optimizer is None  # not a user's optimizer: it gets the tensors frozen now (see below)
         optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
         raw = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer on a second train()
         if self.sp_regularizer is not None and id(raw) in self.sp_regularizer._hooked:
@@ -130,7 +130,9 @@ class SPTrainer(Trainer):
             )
         if reg.info.needs_fisher and not reg.fisher and reg.capture_allowed:
             reg.fisher = self._sp_estimate_fisher(reg.split)
-        reg.prepare_optimizer(raw, opt_model.named_parameters())
+        # Trainer's optimizer holds the tensors with requires_grad now; one frozen now and unfrozen later (gradual
+        # unfreezing) must still train, with its penalty. DeepSpeed builds its own groups from the trainable ones.
+        reg.prepare_optimizer(raw, opt_model.named_parameters(), add_frozen=built_here and not self.is_deepspeed_enabled)
         logger.info(
             "hf_sp: %s (alpha=%g, beta=%g, %s mode). %s",
             reg.info.name,

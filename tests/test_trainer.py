@@ -348,3 +348,25 @@ def test_hyperparameter_search_anchors_each_trial_on_its_fresh_model(tmp_path):
     )
     assert check.checked == 2 and best is not None
     assert check.alphas[0] != check.alphas[1]
+
+
+class _UnfreezeAtStart(TrainerCallback):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        model.requires_grad_(True)
+
+
+def test_tensors_frozen_at_build_train_with_their_penalty_once_unfrozen(tmp_path):
+    # gradual unfreezing: the body is frozen when the trainer (and its optimizer) is built, unfrozen before the
+    # first step; the run must equal one that was never frozen (roles by structure, tensors in the optimizer)
+    expected = reference_run(tiny_vit(), RandomImages(), penalty="l2_sp", alpha=0.3, beta=0.2, lr=0.05, steps=3)
+    model = tiny_vit()
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("classifier"))
+    args = make_args(tmp_path, sp_alpha=0.3, sp_beta=0.2)
+    trainer = SPTrainer(model=model, args=args, train_dataset=RandomImages(), callbacks=[_UnfreezeAtStart()])
+    trainer.train()
+    got = params(trainer.model)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    roles = {n: g["sp_role"] for g in trainer.optimizer.optimizer.param_groups for n in g["sp_names"]}
+    assert all(roles[n] == "anchored" for n in trainer.sp_regularizer.split.anchored)
