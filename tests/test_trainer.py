@@ -7,10 +7,11 @@ import itertools
 import math
 
 import pytest
+import timm
 import torch
-from conftest import RandomImages, make_args, tiny_timm_cnn, tiny_timm_vit, tiny_vit
+from conftest import TINY_TIMM_VIT_ARGS, RandomImages, make_args, tiny_timm_cnn, tiny_timm_vit, tiny_vit
 from formulas import penalty_formula
-from transformers import TrainerCallback
+from transformers import AutoModelForImageClassification, TrainerCallback
 
 from hf_sp import SPTrainer, list_penalties, save_fisher, split_parameters
 from hf_sp.models import is_timm_model, wrap_timm_model
@@ -370,3 +371,21 @@ def test_tensors_frozen_at_build_train_with_their_penalty_once_unfrozen(tmp_path
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
     roles = {n: g["sp_role"] for g in trainer.optimizer.optimizer.param_groups for n in g["sp_names"]}
     assert all(roles[n] == "anchored" for n in trainer.sp_regularizer.split.anchored)
+
+
+def test_raw_timm_model_with_architecture_arguments_is_refused_with_the_fix(tmp_path):
+    # saved with empty model_args, it would be rebuilt with the default architecture on resume / from_pretrained
+    raw = timm.create_model("vit_tiny_patch16_224", num_classes=3, **TINY_TIMM_VIT_ARGS)
+    with pytest.raises(ValueError, match=r"first difference.*wrap_timm_model\(model, model_args="):
+        SPTrainer(model=raw, args=make_args(tmp_path), train_dataset=RandomImages())
+    with pytest.raises(ValueError, match=r"model_args=\{'img_size': 16\}"):  # incomplete arguments are caught too
+        wrap_timm_model(raw, model_args={"img_size": 16})
+
+
+def test_timm_model_args_rebuild_the_saved_model(tmp_path):
+    trainer = SPTrainer(model=tiny_timm_vit(), args=make_args(tmp_path, max_steps=1), train_dataset=RandomImages())
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "saved")
+    for name, value in params(trainer.model).items():
+        torch.testing.assert_close(params(loaded)[name], value, msg=name)
