@@ -313,7 +313,8 @@ class SPRegularizer:
     # ----------------------------------------------------------------------------------------
     # Logging
     def _fold(self) -> None:
-        """Sum the pending per-step records into the window (across ranks first); raise if one is not finite."""
+        """Sum the pending per-step records into the window (across ranks first); raise if the value of an active
+        term (``alpha > 0``: body and distance, ``beta > 0``: head) is not finite."""
         if not self._records:
             return
         records = torch.stack(self._records)
@@ -321,7 +322,10 @@ class SPRegularizer:
         if self.all_reduce is not None:
             records = self.all_reduce(records)
         records = records.double().cpu()
-        if not bool(torch.isfinite(records).all()):
+        # Only a penalty that acts stops the run: at zero strength it changes nothing, and Trainer's own rule
+        # (carry on, logging_nan_inf_filter) holds, as for plain fine-tuning.
+        active = [i for i, on in enumerate((self.alpha > 0, self.beta > 0, self.alpha > 0)) if on]
+        if active and not bool(torch.isfinite(records[:, active]).all()):
             raise FloatingPointError(
                 f"The {self.info.name} penalty became non-finite during training (the weights diverged). Training "
                 "was stopped; checkpoints already written are kept. Lower the learning rate or sp_alpha/sp_beta."

@@ -389,3 +389,23 @@ def test_timm_model_args_rebuild_the_saved_model(tmp_path):
     loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "saved")
     for name, value in params(trainer.model).items():
         torch.testing.assert_close(params(loaded)[name], value, msg=name)
+
+
+@pytest.mark.parametrize("alpha,beta,stops", [(0.0, 0.0, False), (0.1, 0.0, True), (0.0, 0.1, True)])
+def test_divergence_stops_only_when_the_penalty_is_active(tmp_path, alpha, beta, stops):
+    # at zero strength the penalty changes nothing, so Trainer's rule holds: logging_nan_inf_filter and carry on
+    class DivergeAll(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 2:
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.fill_(float("nan"))
+
+    args = make_args(tmp_path, max_steps=4, sp_alpha=alpha, sp_beta=beta)
+    trainer = SPTrainer(model=tiny_vit(), args=args, train_dataset=RandomImages(), callbacks=[DivergeAll()])
+    if stops:
+        with pytest.raises(FloatingPointError, match="non-finite"):
+            trainer.train()
+    else:
+        trainer.train()
+        assert trainer.state.global_step == 4
