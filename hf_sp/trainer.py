@@ -194,23 +194,36 @@ class SPTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         super()._save(output_dir, timm_layout_state_dict(model, state_dict))
 
+    def _sp_load_converted(self, checkpoint: str, model: nn.Module) -> bool:
+        """Load ``checkpoint`` through ``from_pretrained`` if it is saved under other key names; True if it was.
+
+        save_pretrained writes some models (ViT, ...) under their legacy key names; Trainer's plain
+        ``load_state_dict(strict=False)`` (resume, ``load_best_model_at_end``) would then silently skip those
+        tensors and keep the weights the model had. from_pretrained applies the key conversion.
+        """
+        weights = Path(checkpoint) / SAFE_WEIGHTS_NAME
+        if (
+            not isinstance(model, PreTrainedModel)
+            or not weights.is_file()
+            or self.is_fsdp_enabled
+            or self.is_deepspeed_enabled
+            or _saved_keys(weights) == set(model.state_dict())
+        ):
+            return False
+        logger.info("Loading %s through from_pretrained (its saved keys are converted on load).", weights)
+        loaded = type(model).from_pretrained(checkpoint, config=model.config)
+        model.load_state_dict(loaded.state_dict(), strict=True)
+        return True
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         model = self.model if model is None else model
-        weights = Path(resume_from_checkpoint) / SAFE_WEIGHTS_NAME
-        if (
-            isinstance(model, PreTrainedModel)
-            and weights.is_file()
-            and not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
-            and _saved_keys(weights) != set(model.state_dict())
-        ):
-            # save_pretrained writes some models (ViT, ...) under their legacy key names; Trainer's plain
-            # load_state_dict(strict=False) would then silently skip those tensors and resume from random
-            # weights. from_pretrained applies the key conversion.
-            logger.info("Loading %s through from_pretrained (its saved keys are converted on load).", weights)
-            loaded = type(model).from_pretrained(resume_from_checkpoint, config=model.config)
-            model.load_state_dict(loaded.state_dict(), strict=True)
-            return
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if not self._sp_load_converted(resume_from_checkpoint, model):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        best = self.state.best_model_checkpoint
+        if best is None or not self._sp_load_converted(best, self.model):
+            super()._load_best_model()
 
     # ----------------------------------------------------------------------------------------
     # Logging and checkpoints

@@ -409,3 +409,28 @@ def test_divergence_stops_only_when_the_penalty_is_active(tmp_path, alpha, beta,
     else:
         trainer.train()
         assert trainer.state.global_step == 4
+
+
+def test_load_best_model_at_end_loads_all_of_the_best_checkpoint(tmp_path):
+    # HF ViT is saved under legacy key names, which Trainer's non-strict load would silently skip
+    args = make_args(
+        tmp_path,
+        max_steps=3,
+        eval_strategy="steps",
+        eval_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        greater_is_better=False,  # the eval loss on these images is lowest before the last step
+    )
+    trainer = SPTrainer(model=tiny_vit(), args=args, train_dataset=RandomImages(), eval_dataset=RandomImages(n=8))
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not best.endswith("checkpoint-3")
+    expected = params(type(trainer.model).from_pretrained(best))
+    last = params(type(trainer.model).from_pretrained(str(tmp_path / "out" / "checkpoint-3")))
+    got = params(trainer.model)
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=0, msg=name)
+    assert any(not torch.equal(got[n], last[n]) for n in last)
