@@ -15,7 +15,7 @@ from transformers.utils import SAFE_WEIGHTS_NAME
 
 from .config import SPConfig
 from .fisher import check_fisher, estimate_fisher, load_fisher
-from .model_card import SPCardInfo, hyperparameters_from_args, render_model_card
+from .model_card import SPCardInfo, hyperparameters_from_args, render_model_card, with_trainer_card_arguments
 from .models import is_timm_model, timm_layout_state_dict, wrap_timm_model
 from .penalties import get_penalty_info
 from .regularizer import MissingAnchorError, SPRegularizer
@@ -236,15 +236,17 @@ class SPTrainer(Trainer):
         """Sum of the shard-local penalty records over ranks."""
         return self.accelerator.reduce(t, reduction="sum")
 
-    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+    def create_model_card(self, dataset_name: str | None = None, **kwargs: Any) -> None:
         """Write ``README.md`` in ``output_dir``: the SP card (penalty, formula, alpha, beta, anchored vs new,
-        distance to start, eval results, hyperparameters, how to load), instead of Trainer's draft card."""
+        distance to start, eval results, hyperparameters, how to load), instead of Trainer's draft card.
+
+        Takes Trainer's arguments (``language``, ``license``, ``tags``, ``model_name``, ``finetuned_from``,
+        ``tasks``, ``dataset_tags``, ``dataset``, ``dataset_args``: what ``push_to_hub(**kwargs)`` passes on);
+        the card carries them beside the SP facts."""
         if not self.is_world_process_zero():
             return
-        card = render_model_card(
-            self.model_card_info(dataset_name=kwargs.get("dataset_name") or kwargs.get("dataset"))
-        )
-        card.save(str(Path(self.args.output_dir) / "README.md"))
+        info = with_trainer_card_arguments(self.model_card_info(dataset_name=dataset_name), **kwargs)
+        render_model_card(info).save(str(Path(self.args.output_dir) / "README.md"))
 
     def model_card_info(self, dataset_name: str | None = None) -> SPCardInfo:
         """What the model card records about this run (``sp_card_context`` adds what the Trainer cannot know)."""
