@@ -17,9 +17,9 @@ from typing import Any
 import torch
 import transformers
 from transformers import HfArgumentParser
-from transformers.trainer_utils import get_last_checkpoint
 
 from ._cli import apply_yaml_config
+from .checkpoints import resume_checkpoint
 from .config import SPConfig
 from .data import DIGITS, attach_transform, build_transforms, check_images, collate, load_image_dataset
 from .hub import PushError
@@ -252,9 +252,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: SPConfig) ->
     )
 
     checkpoint = args.resume_from_checkpoint
-    if checkpoint is None and Path(args.output_dir).is_dir() and not data_args.overwrite_output_dir:
-        checkpoint = get_last_checkpoint(args.output_dir)
-        if checkpoint is not None:
+    if checkpoint is not None or not data_args.overwrite_output_dir:
+        checkpoint = resume_checkpoint(args.output_dir, checkpoint)  # skips one cut short by a kill
+        if checkpoint is not None and args.resume_from_checkpoint is None:
             logger.info("Resuming from %s (pass --overwrite_output_dir to start over).", checkpoint)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     # _internal_call: save only; the push comes last, with the results and the card (finish_and_push).

@@ -307,3 +307,24 @@ def test_tensors_the_source_lacks_are_new_never_anchored_to_random(tmp_path, dro
         assert "vit.layers.0.mlp.fc2.weight" in split.anchored
         with pytest.raises(ValueError, match=r"vit.layers.0.mlp.fc2.weight.*sp_head_modules"):
             check_new_not_anchored(split, loaded.new_parameters, "vit")
+
+
+@pytest.mark.parametrize("broken", ["model.safetensors", "optimizer.pt", "trainer_state.json"])
+def test_resume_skips_a_checkpoint_cut_short(tmp_path, caplog, broken):
+    from safetensors.torch import save_file
+
+    from hf_sp.checkpoints import resume_checkpoint
+
+    for step in (2, 4):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        save_file({"w": torch.ones(64, 64)}, folder / "model.safetensors")
+        torch.save({"state": {0: torch.ones(64)}}, folder / "optimizer.pt")
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    newest = tmp_path / "checkpoint-4" / broken  # a kill while it was written
+    newest.write_bytes(newest.read_bytes()[: len(newest.read_bytes()) // 2])
+    with caplog.at_level("WARNING"):
+        assert resume_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    assert "checkpoint-4" in caplog.text and broken in caplog.text
+    with pytest.raises(ValueError, match=rf"checkpoint-4.*{broken}.*earlier checkpoint"):
+        resume_checkpoint(tmp_path, str(tmp_path / "checkpoint-4"))
