@@ -171,7 +171,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
 
 def run(model_args: ModelArguments, data_args: DataArguments, args: SPConfig) -> dict[str, float]:
     """Fine-tune, evaluate, save (model, card, results) and optionally push. Returns all metrics."""
-    from .hub import finish_and_push
+    from .hub import UNREACHABLE, finish_and_push, hub_unreachable
     from .metrics import build_compute_metrics
     from .trainer import SPTrainer
 
@@ -226,15 +226,20 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: SPConfig) ->
     val = attach_transform(dataset["validation"], eval_tf)
     test = attach_transform(dataset["test"], eval_tf) if "test" in dataset else None
 
-    trainer = SPTrainer(
-        model=loaded.model,
-        args=args,
-        train_dataset=train,
-        eval_dataset=val,
-        data_collator=collate,
-        compute_metrics=build_compute_metrics(),
-        processing_class=loaded.image_processor,
-    )
+    try:  # with push_to_hub, Trainer creates the Hub repo here, before any training
+        trainer = SPTrainer(
+            model=loaded.model,
+            args=args,
+            train_dataset=train,
+            eval_dataset=val,
+            data_collator=collate,
+            compute_metrics=build_compute_metrics(),
+            processing_class=loaded.image_processor,
+        )
+    except UNREACHABLE as err:
+        if not args.push_to_hub:
+            raise
+        raise hub_unreachable(err, args.hub_model_id, args.output_dir) from err
     if trainer.sp_regularizer is not None:
         check_new_not_anchored(trainer.sp_regularizer.split, loaded.new_parameters, model_args.model_name_or_path)
     trainer.sp_card_context = {
