@@ -193,7 +193,10 @@ def _train_child(spec: dict[str, Any]) -> dict[str, Any]:
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(spec["threads"])
     sp = spec["mode"] == "sp"
-    model = wrap_timm_model(create_model(spec["model"], spec["num_classes"], spec["image_size"], spec["seed"]))
+    model = wrap_timm_model(
+        create_model(spec["model"], spec["num_classes"], spec["image_size"], spec["seed"]),
+        model_args=_model_kwargs(spec["model"], spec["image_size"]),
+    )
     split = split_parameters(model)
     params = dict(model.named_parameters())
     anchored_numel = sum(params[n].numel() for n in split.anchored)
@@ -571,7 +574,9 @@ def _penalty_for_model(name: str, cfg: BenchmarkConfig) -> dict[str, Any]:
     from hf_sp import get_penalty, split_parameters, wrap_timm_model
     from hf_sp.regularizer import CHUNK_NUMEL, SPRegularizer, _chunks
 
-    model = wrap_timm_model(create_model(name, cfg.num_classes, cfg.image_size, cfg.seed))
+    model = wrap_timm_model(
+        create_model(name, cfg.num_classes, cfg.image_size, cfg.seed), model_args=_model_kwargs(name, cfg.image_size)
+    )
     split = split_parameters(model)
     named = dict(model.named_parameters())
     anchored = [named[n] for n in split.anchored]

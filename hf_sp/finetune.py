@@ -17,9 +17,9 @@ from typing import Any
 import torch
 import transformers
 from transformers import HfArgumentParser
-from transformers.trainer_utils import get_last_checkpoint
 
 from ._cli import apply_yaml_config
+from .checkpoints import resume_checkpoint
 from .config import SPConfig
 from .data import (
     DIGITS,
@@ -32,6 +32,7 @@ from .data import (
 )
 from .hub import PushError
 from .loading import PACKAGED_LITE0, load_model
+from .selection import check_new_not_anchored, new_modules
 
 logger = logging.getLogger("hf_sp.finetune")
 
@@ -193,7 +194,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
 
 def run(model_args: ModelArguments, data_args: DataArguments, args: SPConfig) -> dict[str, float]:
     """Fine-tune, evaluate, save (model, card, results) and optionally push. Returns all metrics."""
-    from .hub import finish_and_push
+    from .hub import UNREACHABLE, finish_and_push, hub_unreachable
     from .metrics import build_compute_metrics
     from .trainer import SPTrainer
 
@@ -244,6 +245,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: SPConfig) ->
     image_size = model_args.image_size or (DIGITS_IMAGE_SIZE if data_args.dataset_name == DIGITS else None)
     if image_size:
         loaded.set_image_size(image_size)  # the saved config then preprocesses as training did
+    if args.sp_head_modules is None and loaded.new_parameters:
+        # The source's own report of what it lacks is the truth about w_Sbar; structure is the fallback.
+        args.sp_head_modules = new_modules(loaded.model, loaded.new_parameters) or None
     train_tf, eval_tf = build_transforms(loaded.data_config, image_size)
     train = attach_transform(dataset["train"], train_tf if data_args.train_augmentation == "standard" else eval_tf)
     val = attach_transform(dataset["validation"], eval_tf)
@@ -251,16 +255,23 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: SPConfig) ->
     # The training images as the model sees them at evaluation, for methods that look at the frozen features first.
     probe = attach_transform(dataset["train"].with_format(None), eval_tf)
 
-    trainer = SPTrainer(
-        model=loaded.model,
-        args=args,
-        train_dataset=train,
-        eval_dataset=val,
-        probe_dataset=probe,
-        data_collator=collate,
-        compute_metrics=build_compute_metrics(),
-        processing_class=loaded.image_processor,
-    )
+    try:  # with push_to_hub, Trainer creates the Hub repo here, before any training
+        trainer = SPTrainer(
+            model=loaded.model,
+            args=args,
+            train_dataset=train,
+            eval_dataset=val,
+            probe_dataset=probe,
+            data_collator=collate,
+            compute_metrics=build_compute_metrics(),
+            processing_class=loaded.image_processor,
+        )
+    except UNREACHABLE as err:
+        if not args.push_to_hub:
+            raise
+        raise hub_unreachable(err, args.hub_model_id, args.output_dir) from err
+    if trainer.sp_regularizer is not None:
+        check_new_not_anchored(trainer.sp_regularizer.split, loaded.new_parameters, model_args.model_name_or_path)
     trainer.sp_card_context = {
         "base_model": loaded.base_model,
         "library": loaded.library,
@@ -276,9 +287,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: SPConfig) ->
     )
 
     checkpoint = args.resume_from_checkpoint
-    if checkpoint is None and Path(args.output_dir).is_dir() and not data_args.overwrite_output_dir:
-        checkpoint = get_last_checkpoint(args.output_dir)
-        if checkpoint is not None:
+    if checkpoint is not None or not data_args.overwrite_output_dir:
+        checkpoint = resume_checkpoint(args.output_dir, checkpoint)  # skips one cut short by a kill
+        if checkpoint is not None and args.resume_from_checkpoint is None:
             logger.info("Resuming from %s (pass --overwrite_output_dir to start over).", checkpoint)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     # _internal_call: save only; the push comes last, with the results and the card (finish_and_push).

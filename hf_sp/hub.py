@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 
+from huggingface_hub import constants
 from huggingface_hub.errors import HfHubHTTPError
 
 from .trainer import SPTrainer
@@ -13,6 +15,32 @@ logger = logging.getLogger(__name__)
 
 class PushError(RuntimeError):
     """The push to the Hub failed; everything is still saved locally."""
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    # huggingface_hub's HTTP client is httpx (1.x) or httpx2 (2.x): their connection and timeout errors, plus
+    # OSError (sockets, requests-based clients).
+    errors: list[type[BaseException]] = [OSError]
+    for name in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(name).TransportError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
+
+
+#: What reaching the Hub raises when it cannot be reached (a wrong HF_ENDPOINT, a network down).
+UNREACHABLE = _transport_errors()
+
+
+def hub_unreachable(err: BaseException, hub_model_id: str | None, output_dir: str) -> PushError:
+    """One line for a Hub that ``--push_to_hub`` cannot reach at start (nothing is trained or lost yet)."""
+    return PushError(
+        f"--push_to_hub: could not reach the Hub at {constants.ENDPOINT} to create {hub_model_id!r} "
+        f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else 'no answer'}). Nothing was "
+        f"trained. Check HF_ENDPOINT and the network, or train now without --push_to_hub and push later with "
+        f"`hf upload {hub_model_id} {output_dir} --exclude 'checkpoint-*'`."
+    )
 
 
 def finish_and_push(trainer: SPTrainer, metrics: dict[str, float]) -> None:

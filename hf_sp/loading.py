@@ -39,6 +39,8 @@ class LoadedModel:
     image_processor: Any = None
     #: mean, std, input_size (C, H, W), interpolation, crop_pct (1.0: resize to the input size, no crop).
     data_config: dict[str, Any] = field(default_factory=dict)
+    #: Parameters not found in the source checkpoint (newly initialised), as transformers reports them.
+    new_parameters: list[str] = field(default_factory=list)
 
     def set_image_size(self, size: int) -> None:
         """Train and evaluate at ``size`` px, and record it where the saved model's preprocessing reads it."""
@@ -158,12 +160,17 @@ def load_model(
         )
     except _UNREACHABLE as err:
         raise _unreachable(name_or_path, err) from err
-    new = sorted(set(info.get("missing_keys", [])) | {k for k, *_ in info.get("mismatched_keys", [])})
+    reported = set(info.get("missing_keys", [])) | {k for k, *_ in info.get("mismatched_keys", [])}
+    new = [n for n, _ in model.named_parameters() if n in reported]
     if new:
         logger.info("Newly initialised from %s: %s", name_or_path, ", ".join(new))
     if getattr(model.config, "model_type", None) == "timm_wrapper":
         return LoadedModel(
-            model=model, library="timm", base_model=name_or_path, data_config=_timm_data_config(model.timm_model)
+            model=model,
+            library="timm",
+            base_model=name_or_path,
+            data_config=_timm_data_config(model.timm_model),
+            new_parameters=new,
         )
     try:
         processor = AutoImageProcessor.from_pretrained(name_or_path, **kwargs)
@@ -175,6 +182,7 @@ def load_model(
         base_model=name_or_path,
         image_processor=processor,
         data_config=_processor_data_config(processor),
+        new_parameters=new,
     )
 
 

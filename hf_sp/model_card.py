@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import math
 import os
@@ -33,6 +34,7 @@ __all__ = [
     "model_card_template_path",
     "render_model_card",
     "sanitize_hyperparameters",
+    "with_trainer_card_arguments",
 ]
 
 TEMPLATE_NAME = "hf_sp_model_card.md"
@@ -97,6 +99,10 @@ class SPCardInfo:
         tags: Extra Hub tags (the card always adds ``hf_sp``, the task, ``starting-point-regularization`` and the
             penalty name).
         license: Optional license identifier for the metadata (e.g. ``"apache-2.0"``).
+        language: Languages for the metadata (``Trainer.push_to_hub(language=...)``).
+        model_name: Display name (title) of the model; default: from ``model_id``.
+        dataset_tags: Hub data set ids for the metadata; default: ``dataset_name`` when it is one.
+        dataset_args: Arguments (configuration) of the evaluation data set, for the ``model-index``.
     """
 
     model_id: str | None
@@ -120,10 +126,53 @@ class SPCardInfo:
     task: str = "image-classification"
     tags: list[str] = field(default_factory=list)
     license: str | None = None
+    language: list[str] | None = None
+    model_name: str | None = None
+    dataset_tags: list[str] | None = None
+    dataset_args: str | None = None
+
     #: ``(setting, value)`` rows of the other transfer methods of the recipe (probe head, BatchNorm, ...).
     method_rows: list[tuple[str, str]] = field(default_factory=list)
     #: A sentence per transfer method on what it did.
     method_notes: list[str] = field(default_factory=list)
+
+
+def _as_list(value: str | list[str] | None) -> list[str]:
+    return [value] if isinstance(value, str) else list(value or [])
+
+
+def with_trainer_card_arguments(
+    info: SPCardInfo,
+    *,
+    language: str | list[str] | None = None,
+    license: str | None = None,
+    tags: str | list[str] | None = None,
+    model_name: str | None = None,
+    finetuned_from: str | None = None,
+    tasks: str | list[str] | None = None,
+    dataset_tags: str | list[str] | None = None,
+    dataset: str | list[str] | None = None,
+    dataset_args: str | list[str] | None = None,
+) -> SPCardInfo:
+    """``info`` with the arguments of ``Trainer.create_model_card`` (those ``Trainer.push_to_hub(**kwargs)``
+    passes on) applied, as Trainer's own card uses them: each given one overrides what the run recorded."""
+    updates: dict[str, Any] = {"tags": [*info.tags, *(t for t in _as_list(tags) if t not in info.tags)]}
+    for name, value in (
+        ("license", license),
+        ("model_name", model_name),
+        ("base_model", finetuned_from),
+        ("language", _as_list(language) or None),
+        ("dataset_tags", _as_list(dataset_tags) or None),
+    ):
+        if value is not None:
+            updates[name] = value
+    if _as_list(tasks):
+        updates["task"] = _as_list(tasks)[0]
+    if _as_list(dataset):
+        updates["dataset_name"] = _as_list(dataset)[0]
+    if _as_list(dataset_args):
+        updates["dataset_args"] = _as_list(dataset_args)[0]
+    return dataclasses.replace(info, **updates)
 
 
 def model_card_template_path() -> Path:
@@ -323,6 +372,7 @@ def _eval_results(info: SPCardInfo, dataset_type: str, dataset_pretty: str) -> l
                 dataset_type=dataset_type,
                 dataset_name=dataset_pretty,
                 dataset_split=split,
+                dataset_args=info.dataset_args,
                 metric_type=metric,
                 metric_name=_metric_pretty_name(metric, split),
                 metric_value=value,
@@ -381,6 +431,8 @@ def render_model_card(info: SPCardInfo) -> ModelCard:
     """
     base_hub_id = _hub_model_id(info.base_model)
     dataset_hub_id = info.dataset_name if _is_hub_id(info.dataset_name) else None
+    if info.dataset_tags:
+        dataset_hub_id = info.dataset_tags[0]
     model_name = None
     if info.model_id:
         model_name = info.model_id if _looks_like_hub_id(info.model_id) else _display_name(info.model_id)
@@ -399,7 +451,8 @@ def render_model_card(info: SPCardInfo) -> ModelCard:
 
     card_data = ModelCardData(
         base_model=base_hub_id,
-        datasets=[dataset_hub_id] if dataset_hub_id else None,
+        datasets=info.dataset_tags or ([dataset_hub_id] if dataset_hub_id else None),
+        language=info.language,
         library_name=info.library,
         license=info.license,
         metrics=sorted({r.metric_type for r in eval_results}) or None,
@@ -447,7 +500,7 @@ def render_model_card(info: SPCardInfo) -> ModelCard:
     return ModelCard.from_template(
         card_data,
         template_path=str(model_card_template_path()),
-        model_title=model_name or f"{info.penalty} fine-tuned {info.task} model",
+        model_title=info.model_name or model_name or f"{info.penalty} fine-tuned {info.task} model",
         summary=summary,
         task=info.task,
         library=info.library,

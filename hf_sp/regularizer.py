@@ -91,6 +91,21 @@ def _names_by_id(named_params: Iterable[tuple[str, nn.Parameter]]) -> dict[int, 
     return {id(p): canonical_name(n) for n, p in named_params}
 
 
+def add_frozen_tensors(
+    optimizer: torch.optim.Optimizer, named_params: Iterable[tuple[str, nn.Parameter]], split: ParamSplit
+) -> None:
+    """Add to ``optimizer``, in one group with its defaults, the tensors of ``split`` that it lacks.
+
+    Trainer builds its optimizer from the tensors with ``requires_grad`` only; one frozen now and unfrozen later
+    (gradual unfreezing) must still train, with the penalty of its role. While frozen it gets no gradient, hence
+    no update and no penalty.
+    """
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [p for n, p in named_params if id(p) not in held and canonical_name(n) in split.shapes]
+    if missing:
+        optimizer.add_param_group({"params": missing})
+
+
 class MissingAnchorError(RuntimeError):
     """The optimizer state has no anchor where one is required (a resume from a foreign checkpoint)."""
 
@@ -150,17 +165,28 @@ class SPRegularizer:
     # ----------------------------------------------------------------------------------------
     # Optimizer wiring
     def prepare_optimizer(
-        self, optimizer: torch.optim.Optimizer, named_params: Iterable[tuple[str, nn.Parameter]]
+        self,
+        optimizer: torch.optim.Optimizer,
+        named_params: Iterable[tuple[str, nn.Parameter]],
+        *,
+        add_frozen: bool = False,
     ) -> list[int]:
         """Split every param group by role (anchored / new / free) and hook the optimizer's step.
 
         Call before the first step. Each resulting group keeps the original group's settings and
         records its role and parameter names, which survive engines that rebuild the parameters.
-        Returns the index of the original group of each new group (for :func:`hf_sp.schedulers.follow_split_groups`).
+        ``add_frozen`` adds the floating tensors that the optimizer lacks (Trainer leaves out those frozen
+        when it builds the optimizer), with the optimizer's defaults: they get no gradient, hence no update
+        and no penalty, while frozen, and train with their penalty once unfrozen.
+        Returns the index of the original group of each new group (for :func:`hf_sp.schedulers.follow_split_groups`);
+        an added group of frozen tensors counts as one more original group.
         """
         if any(optimizer.state.values()):
             raise RuntimeError("prepare_optimizer must be called before the optimizer's first step.")
+        named_params = list(named_params)
         names = _names_by_id(named_params)
+        if add_frozen:
+            add_frozen_tensors(optimizer, named_params, self.split)
         groups, origins = [], []
         for index, group in enumerate(optimizer.param_groups):
             by_role: dict[str, list] = {"anchored": [], "new": [], "free": []}
@@ -394,7 +420,8 @@ class SPRegularizer:
     # ----------------------------------------------------------------------------------------
     # Logging
     def _fold(self) -> None:
-        """Sum the pending per-step records into the window (across ranks first); raise if one is not finite."""
+        """Sum the pending per-step records into the window (across ranks first); raise if the value of an active
+        term (``alpha > 0``: body and distance, ``beta > 0``: head) is not finite."""
         if not self._records:
             return
         records = torch.stack(self._records)
@@ -402,7 +429,10 @@ class SPRegularizer:
         if self.all_reduce is not None:
             records = self.all_reduce(records)
         records = records.double().cpu()
-        if not bool(torch.isfinite(records).all()):
+        # Only a penalty that acts stops the run: at zero strength it changes nothing, and Trainer's own rule
+        # (carry on, logging_nan_inf_filter) holds, as for plain fine-tuning.
+        active = [i for i, on in enumerate((self.alpha > 0, self.beta > 0, self.alpha > 0)) if on]
+        if active and not bool(torch.isfinite(records[:, active]).all()):
             raise FloatingPointError(
                 f"The {self.info.name} penalty became non-finite during training (the weights diverged). Training "
                 "was stopped; checkpoints already written are kept. Lower the learning rate or sp_alpha/sp_beta."

@@ -57,28 +57,41 @@ def _timm_heads(model: nn.Module) -> list[str]:
 
 
 def _transformers_heads(model: nn.Module) -> list[str]:
-    """The linear layers that produce the logits of a transformers classifier, found by structure.
+    """The new classifier modules of a transformers classifier, found by structure.
 
-    They map to ``config.num_labels`` outputs and sit outside the base model, which holds the
-    pretrained body. Structure, not loading reports, so that a head is found even when the target
-    has as many classes as the source and nothing was reported as mismatched.
+    The logits come from linear layers mapping to ``config.num_labels`` outputs outside the base model
+    (``base_model_prefix``), which holds the pretrained body. Structure, not loading reports, so that a head is
+    found even when the target has as many classes as the source and nothing was reported as mismatched. Each
+    head is the child of the model that holds such a layer, so that a replaced ``nn.Sequential`` MLP head is new
+    as a whole, hidden layers included.
     """
     config = getattr(model, "config", None)
     num_labels = getattr(config, "num_labels", None)
     if not num_labels:
         return []
-    body_prefix = getattr(model, "base_model_prefix", "")
-    heads = [
+    body = getattr(model, "base_model_prefix", "")
+    # CLIP/SigLIP classifiers name a base model they do not have (their body is `vision_model`): without a base
+    # model to exclude, attention and MLP layers of the hidden size would pass for the head.
+    has_body = bool(body) and isinstance(getattr(model, body, None), nn.Module)
+    logits = [
         name
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear)
         and module.out_features == num_labels
-        and not (body_prefix and (name == body_prefix or name.startswith(body_prefix + ".")))
+        and not (has_body and (name == body or name.startswith(body + ".")))
     ]
-    if not heads:
-        return []
-    # Without a base model to exclude, the logits come from the last such layer.
-    return heads if body_prefix else heads[-1:]
+    if not has_body:
+        logits = logits[-1:]  # the logits come from the last such layer
+    total = sum(p.numel() for p in model.parameters())
+    heads: list[str] = []
+    for name in logits:
+        child = name.split(".", 1)[0]
+        # A child holding most of the model is a body, not a head: then only the logits layer is new.
+        if sum(p.numel() for p in model.get_submodule(child).parameters()) * 2 > total:
+            child = name
+        if child not in heads:
+            heads.append(child)
+    return heads
 
 
 def find_head_modules(model: nn.Module) -> list[str]:
@@ -93,13 +106,21 @@ def find_head_modules(model: nn.Module) -> list[str]:
 
 @dataclass
 class ParamSplit:
-    """Trainable parameter names by role: ``anchored`` (``w_S``), ``new`` (``w_Sbar``), ``free``."""
+    """Parameter names by role: ``anchored`` (``w_S``), ``new`` (``w_Sbar``), ``free``.
+
+    Every floating tensor has a role, frozen or not (``frozen`` lists those with ``requires_grad=False`` when
+    the split was made): a tensor unfrozen later trains with the penalty of its role. A tensor shared under
+    several names is listed once, under its first name in ``model.named_parameters()``.
+    """
 
     anchored: list[str] = field(default_factory=list)
     new: list[str] = field(default_factory=list)
     free: list[str] = field(default_factory=list)
     head_modules: list[str] = field(default_factory=list)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    frozen: list[str] = field(default_factory=list)
+    #: How the head modules were found, for the start-of-training log.
+    head_source: str = ""
 
     def role(self, name: str) -> str:
         """``"anchored"``, ``"new"`` or ``"free"`` for a (possibly wrapper-prefixed) parameter name."""
@@ -120,7 +141,9 @@ class ParamSplit:
         drop = set(moved)
         for current in ROLES:
             setattr(self, current, [n for n in getattr(self, current) if n not in drop])
-        if role is not None:
+        if role is None:
+            self.shapes = {n: s for n, s in self.shapes.items() if n not in drop}
+        else:
             if role not in ROLES:
                 raise ValueError(f"role={role!r} is not one of {ROLES}.")
             getattr(self, role).extend(moved)
@@ -128,13 +151,17 @@ class ParamSplit:
 
     def summary(self) -> str:
         """One line per role: how many tensors and parameters, for the start-of-training log."""
+        frozen = set(self.frozen)
 
         def count(names: Sequence[str]) -> str:
-            return f"{len(names)} tensors ({sum(math.prod(self.shapes[n]) for n in names):,} parameters)"
+            text = f"{len(names)} tensors ({sum(math.prod(self.shapes[n]) for n in names):,} parameters"
+            n_frozen = sum(n in frozen for n in names)
+            return text + (f", {n_frozen} frozen now)" if n_frozen else ")")
 
+        source = f" ({self.head_source})" if self.head_source else ""
         return (
             f"anchored to w0: {count(self.anchored)}; "
-            f"new head {self.head_modules}: {count(self.new)}; "
+            f"new head {self.head_modules}{source}: {count(self.new)}; "
             f"unpenalized: {count(self.free)}"
         )
 
@@ -146,12 +173,16 @@ def _is_kernel(module: nn.Module, param_name: str) -> bool:
 def split_parameters(
     model: nn.Module, *, include: str = "kernels", head_modules: Iterable[str] | None = None
 ) -> ParamSplit:
-    """Split the trainable parameters of ``model`` into anchored, new and free.
+    """Split the floating parameters of ``model`` into anchored, new and free.
+
+    Roles follow the model's structure (pretrained body vs new head), never ``requires_grad``: a tensor frozen
+    now and unfrozen later is still pretrained. A tensor shared (tied) under several names gets one role, under
+    its first name; it is anchored if any of its names lies outside the head (the source has it).
 
     Args:
         model: the unwrapped model.
         include: ``"kernels"`` penalizes conv and linear weights only (the paper's code);
-            ``"all"`` penalizes every trainable tensor, norms and biases included.
+            ``"all"`` penalizes every floating tensor, norms and biases included.
         head_modules: names of the new modules; ``None`` finds them (:func:`find_head_modules`).
 
     Raises:
@@ -166,8 +197,10 @@ def split_parameters(
                 f"Could not find the new classification head of {type(model).__name__}. Name its module(s) with "
                 "sp_head_modules, e.g. sp_head_modules=['classifier'] (see model.named_modules())."
             )
+        source = "timm pretrained_cfg['classifier']" if _timm_heads(model) else "found by structure"
     else:
         heads = [canonical_name(h) for h in head_modules]
+        source = "sp_head_modules"
         for head in heads:
             try:
                 model.get_submodule(head)
@@ -176,20 +209,61 @@ def split_parameters(
                     f"sp_head_modules names {head!r}, which is not a module of {type(model).__name__}. "
                     "Use a name from model.named_modules(), e.g. 'classifier' or 'head.fc'."
                 ) from None
-    split = ParamSplit(head_modules=heads)
-    for module_name, module in model.named_modules():
+    # One entry per tensor (first name, as named_parameters): in the head only if every name of it is.
+    seen: dict[int, tuple[str, bool, bool]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
         for param_name, param in module.named_parameters(recurse=False):
-            if not param.requires_grad:
+            if not param.is_floating_point():
                 continue
             full = canonical_name(f"{module_name}.{param_name}" if module_name else param_name)
-            split.shapes[full] = tuple(param.shape)
             in_head = any(full == h or full.startswith(h + ".") for h in heads)
             penalized = include == "all" or _is_kernel(module, param_name)
-            if not penalized:
-                split.free.append(full)
-            elif in_head:
-                split.new.append(full)
-            else:
-                split.anchored.append(full)
+            first, head_so_far, penalized_so_far = seen.get(id(param), (full, True, False))
+            seen[id(param)] = (first, head_so_far and in_head, penalized_so_far or penalized)
+    split = ParamSplit(head_modules=heads, head_source=source)
+    params = {canonical_name(n): p for n, p in model.named_parameters()}
+    for full, in_head, penalized in seen.values():
+        param = params[full]
+        split.shapes[full] = tuple(param.shape)
+        if not param.requires_grad:
+            split.frozen.append(full)
+        if not penalized:
+            split.free.append(full)
+        elif in_head:
+            split.new.append(full)
+        else:
+            split.anchored.append(full)
     split.__post_init__()
     return split
+
+
+def new_modules(model: nn.Module, new_parameters: Iterable[str]) -> list[str]:
+    """The largest modules of ``model`` all of whose parameters are in ``new_parameters``.
+
+    ``new_parameters`` are the tensors that loading did not find in the source checkpoint (transformers'
+    ``missing_keys`` and ``mismatched_keys``): the paper's ``w_Sbar``, known from the source itself.
+    """
+    new = {canonical_name(n) for n in new_parameters}
+    found: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(f + ".") for f in found):
+            continue
+        names = [f"{name}.{n}" for n, _ in module.named_parameters()]
+        if names and all(canonical_name(n) in new for n in names):
+            found.append(name)
+    return found
+
+
+def check_new_not_anchored(split: ParamSplit, new_parameters: Iterable[str], source: str) -> None:
+    """Refuse a split that anchors a tensor the source checkpoint does not hold (its ``w0`` would be random).
+
+    Raises:
+        ValueError: naming the tensors and the fix.
+    """
+    anchored = [n for n in new_parameters if split.role(n) == "anchored"]
+    if anchored:
+        raise ValueError(
+            f"{len(anchored)} tensor(s) were not loaded from {source} but newly initialised, and would be anchored "
+            f"to their random initialisation: {', '.join(anchored[:5])}. Name their modules in sp_head_modules "
+            "(new tensors get sp_beta toward zero), or load a source checkpoint that holds them."
+        )

@@ -18,9 +18,9 @@ from transformers.utils import SAFE_WEIGHTS_NAME
 from .config import SPConfig
 from .methods import MethodContext, TransferMethod, build_methods
 from .methods.penalty import missing_anchor_error
-from .model_card import SPCardInfo, hyperparameters_from_args, render_model_card
+from .model_card import SPCardInfo, hyperparameters_from_args, render_model_card, with_trainer_card_arguments
 from .models import is_timm_model, timm_layout_state_dict, wrap_timm_model
-from .regularizer import MissingAnchorError, SPRegularizer
+from .regularizer import MissingAnchorError, SPRegularizer, add_frozen_tensors
 from .schedulers import check_scheduler, follow_split_groups
 from .selection import ParamSplit, split_parameters
 
@@ -155,6 +155,7 @@ class SPTrainer(Trainer):
     # ----------------------------------------------------------------------------------------
     # Optimizer: initialize (fresh runs), then let each method configure the groups and hook the step
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        built_here = self.optimizer is None  # not a user's optimizer: it gets the tensors frozen now (see below)
         opt_model = model if model is not None else self.model
         if self.optimizer is None or self._sp_optimizer_id is None:
             self._sp_attach(opt_model)
@@ -173,6 +174,10 @@ class SPTrainer(Trainer):
         if not self.sp_methods or id(raw) == self._sp_optimizer_id:
             return optimizer
         self._sp_check_user_optimizer(raw)  # before any split: the groups are the user's own
+        if built_here and not self.is_deepspeed_enabled:
+            # Trainer's optimizer holds the tensors with requires_grad now; one frozen now and unfrozen later (gradual
+            # unfreezing) must still train, with its role. DeepSpeed builds its own groups from the trainable ones.
+            add_frozen_tensors(raw, opt_model.named_parameters(), self._sp_context.split)
         for method in self.sp_methods:
             method.configure_optimizer(self._sp_context, raw)
         penalty = self._sp_method("penalty")
@@ -246,23 +251,36 @@ class SPTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         super()._save(output_dir, timm_layout_state_dict(model, state_dict))
 
+    def _sp_load_converted(self, checkpoint: str, model: nn.Module) -> bool:
+        """Load ``checkpoint`` through ``from_pretrained`` if it is saved under other key names; True if it was.
+
+        save_pretrained writes some models (ViT, ...) under their legacy key names; Trainer's plain
+        ``load_state_dict(strict=False)`` (resume, ``load_best_model_at_end``) would then silently skip those
+        tensors and keep the weights the model had. from_pretrained applies the key conversion.
+        """
+        weights = Path(checkpoint) / SAFE_WEIGHTS_NAME
+        if (
+            not isinstance(model, PreTrainedModel)
+            or not weights.is_file()
+            or self.is_fsdp_enabled
+            or self.is_deepspeed_enabled
+            or _saved_keys(weights) == set(model.state_dict())
+        ):
+            return False
+        logger.info("Loading %s through from_pretrained (its saved keys are converted on load).", weights)
+        loaded = type(model).from_pretrained(checkpoint, config=model.config)
+        model.load_state_dict(loaded.state_dict(), strict=True)
+        return True
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         model = self.model if model is None else model
-        weights = Path(resume_from_checkpoint) / SAFE_WEIGHTS_NAME
-        if (
-            isinstance(model, PreTrainedModel)
-            and weights.is_file()
-            and not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
-            and _saved_keys(weights) != set(model.state_dict())
-        ):
-            # save_pretrained writes some models (ViT, ...) under their legacy key names; Trainer's plain
-            # load_state_dict(strict=False) would then silently skip those tensors and resume from random
-            # weights. from_pretrained applies the key conversion.
-            logger.info("Loading %s through from_pretrained (its saved keys are converted on load).", weights)
-            loaded = type(model).from_pretrained(resume_from_checkpoint, config=model.config)
-            model.load_state_dict(loaded.state_dict(), strict=True)
-            return
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if not self._sp_load_converted(resume_from_checkpoint, model):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        best = self.state.best_model_checkpoint
+        if best is None or not self._sp_load_converted(best, self.model):
+            super()._load_best_model()
 
     # ----------------------------------------------------------------------------------------
     # Logging and checkpoints
@@ -276,15 +294,17 @@ class SPTrainer(Trainer):
         """Sum of the shard-local penalty records over ranks."""
         return self.accelerator.reduce(t, reduction="sum")
 
-    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+    def create_model_card(self, dataset_name: str | None = None, **kwargs: Any) -> None:
         """Write ``README.md`` in ``output_dir``: the SP card (penalty, formula, alpha, beta, anchored vs new,
-        distance to start, eval results, hyperparameters, how to load), instead of Trainer's draft card."""
+        distance to start, eval results, hyperparameters, how to load), instead of Trainer's draft card.
+
+        Takes Trainer's arguments (``language``, ``license``, ``tags``, ``model_name``, ``finetuned_from``,
+        ``tasks``, ``dataset_tags``, ``dataset``, ``dataset_args``: what ``push_to_hub(**kwargs)`` passes on);
+        the card carries them beside the SP facts."""
         if not self.is_world_process_zero():
             return
-        card = render_model_card(
-            self.model_card_info(dataset_name=kwargs.get("dataset_name") or kwargs.get("dataset"))
-        )
-        card.save(str(Path(self.args.output_dir) / "README.md"))
+        info = with_trainer_card_arguments(self.model_card_info(dataset_name=dataset_name), **kwargs)
+        render_model_card(info).save(str(Path(self.args.output_dir) / "README.md"))
 
     def model_card_info(self, dataset_name: str | None = None) -> SPCardInfo:
         """What the model card records about this run (``sp_card_context`` adds what the Trainer cannot know)."""

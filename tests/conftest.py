@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers import ViTConfig, ViTForImageClassification
 
-from hf_sp import SPConfig
+from hf_sp import SPConfig, wrap_timm_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -72,19 +72,16 @@ def tiny_vit(seed: int = 0, num_labels: int = NUM_CLASSES) -> ViTForImageClassif
     return ViTForImageClassification(config)
 
 
+#: The timm.create_model arguments of the tiny timm ViT: recorded in its config, so that it can be rebuilt.
+TINY_TIMM_VIT_ARGS = dict(img_size=IMAGE_SIZE, patch_size=8, embed_dim=16, depth=1, num_heads=2)
+
+
 def tiny_timm_vit(seed: int = 0, num_classes: int = NUM_CLASSES) -> torch.nn.Module:
-    """A raw timm ViT (no BatchNorm, no loss kwargs once wrapped)."""
+    """A timm ViT in TimmWrapperForImageClassification, with its architecture arguments (no BatchNorm, no loss
+    kwargs)."""
     torch.manual_seed(seed)
-    return timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        num_classes=num_classes,
-        img_size=IMAGE_SIZE,
-        patch_size=8,
-        embed_dim=16,
-        depth=1,
-        num_heads=2,
-    )
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=num_classes, **TINY_TIMM_VIT_ARGS)
+    return wrap_timm_model(model, model_args=TINY_TIMM_VIT_ARGS)
 
 
 def tiny_timm_cnn(seed: int = 0, num_classes: int = NUM_CLASSES) -> torch.nn.Module:

@@ -20,7 +20,7 @@ def test_alias():
 
 
 def test_unknown_penalty_lists_the_known_ones(tmp_path):
-    with pytest.raises(ValueError, match=r"Unknown penalty 'l2sp'. Known penalties: none, .*l2_sp"):
+    with pytest.raises(ValueError, match=r"sp_penalty='l2sp' is not a known penalty. Known penalties: none, .*l2_sp"):
         cfg(tmp_path, sp_penalty="l2sp")
 
 
@@ -57,11 +57,18 @@ def test_plain_training_arguments_are_refused_with_the_fix(tmp_path):
 
 
 def test_nothing_left_to_anchor(tmp_path):
+    args = cfg(tmp_path, sp_head_modules=["vit", "classifier"])  # the whole model declared new
+    with pytest.raises(ValueError, match=r"Nothing left to anchor"):
+        SPTrainer(model=tiny_vit(), args=args, train_dataset=RandomImages())
+
+
+def test_a_frozen_body_is_still_anchored(tmp_path):
+    # frozen now, maybe unfrozen later (gradual unfreezing): its role comes from structure, not requires_grad
     model = tiny_vit()
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("classifier"))
-    with pytest.raises(ValueError, match=r"Nothing left to anchor"):
-        SPTrainer(model=model, args=cfg(tmp_path), train_dataset=RandomImages())
+    trainer = SPTrainer(model=model, args=cfg(tmp_path), train_dataset=RandomImages())
+    assert "vit.layers.0.mlp.fc2.weight" in trainer.sp_regularizer.split.anchored
 
 
 def test_no_head_found(tmp_path):

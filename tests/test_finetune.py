@@ -276,3 +276,53 @@ def test_resume_continues_with_the_original_anchor(tmp_path):
     for name in trainer.sp_regularizer.split.anchored[:5]:
         anchor = optimizer.state[trainer.model.get_parameter(name)][ANCHOR_KEY]
         assert torch.equal(anchor, pretrained[name.removeprefix("timm_model.")]), name
+
+
+@pytest.mark.parametrize("dropped", [("weight", "bias"), ("weight",)], ids=["whole_module", "one_tensor"])
+def test_tensors_the_source_lacks_are_new_never_anchored_to_random(tmp_path, dropped):
+    from conftest import tiny_vit
+    from safetensors.torch import load_file, save_file
+    from transformers import ViTImageProcessor
+
+    from hf_sp.selection import check_new_not_anchored, new_modules, split_parameters
+
+    tiny_vit(num_labels=5).save_pretrained(tmp_path / "vit")
+    ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(tmp_path / "vit")
+    weights = tmp_path / "vit" / "model.safetensors"
+    state = load_file(weights)
+    for kind in dropped:  # saved under the legacy name of vit.layers.0.mlp.fc2
+        del state[f"vit.encoder.layer.0.output.dense.{kind}"]
+    save_file(state, weights, metadata={"format": "pt"})
+    loaded = load_model(str(tmp_path / "vit"), num_labels=3, id2label=dict(enumerate("abc")))
+    assert {"classifier.weight", "vit.layers.0.mlp.fc2.weight"} <= set(loaded.new_parameters)
+    heads = new_modules(loaded.model, loaded.new_parameters)
+    split = split_parameters(loaded.model, head_modules=heads or None)
+    if len(dropped) == 2:  # a whole module is new: w_Sbar, as the source says
+        assert heads == ["vit.layers.0.mlp.fc2", "classifier"]
+        assert "vit.layers.0.mlp.fc2.weight" in split.new
+        check_new_not_anchored(split, loaded.new_parameters, "vit")
+    else:  # part of a module: refused, naming the tensor
+        assert "vit.layers.0.mlp.fc2.weight" in split.anchored
+        with pytest.raises(ValueError, match=r"vit.layers.0.mlp.fc2.weight.*sp_head_modules"):
+            check_new_not_anchored(split, loaded.new_parameters, "vit")
+
+
+@pytest.mark.parametrize("broken", ["model.safetensors", "optimizer.pt", "trainer_state.json"])
+def test_resume_skips_a_checkpoint_cut_short(tmp_path, caplog, broken):
+    from safetensors.torch import save_file
+
+    from hf_sp.checkpoints import resume_checkpoint
+
+    for step in (2, 4):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        save_file({"w": torch.ones(64, 64)}, folder / "model.safetensors")
+        torch.save({"state": {0: torch.ones(64)}}, folder / "optimizer.pt")
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    newest = tmp_path / "checkpoint-4" / broken  # a kill while it was written
+    newest.write_bytes(newest.read_bytes()[: len(newest.read_bytes()) // 2])
+    with caplog.at_level("WARNING"):
+        assert resume_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    assert "checkpoint-4" in caplog.text and broken in caplog.text
+    with pytest.raises(ValueError, match=rf"checkpoint-4.*{broken}.*earlier checkpoint"):
+        resume_checkpoint(tmp_path, str(tmp_path / "checkpoint-4"))

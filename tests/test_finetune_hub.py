@@ -336,3 +336,20 @@ def test_hub_token_on_the_command_line_is_used_but_written_nowhere(
         if entry["sha256"] in leaked
     )
     assert not leaked, f"the token was pushed, in {where}"
+
+
+def test_push_to_an_unreachable_hub_says_so_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    hub_server.point_hf_at(monkeypatch, f"http://127.0.0.1:{port}", hf_home=tmp_path / "hf")
+    out = tmp_path / "run"
+    argv = [*QUICK, "--output_dir", str(out), "--push_to_hub", "--hub_model_id", "tester/nowhere"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    message = str(exit_info.value)
+    assert message.count("\n") == 0 and f"127.0.0.1:{port}" in message and "Nothing was trained" in message
+    assert "without --push_to_hub" in message and "hf upload tester/nowhere" in message
+    assert not (out / "model.safetensors").exists()

@@ -101,7 +101,7 @@ def test_recipe_defaults_apply_only_where_unset(tmp_path):
         ({"sp_body_lr_scale": -1.0}, "sp_body_lr_scale must be a finite number >= 0"),
         ({"sp_layer_decay": 1.5}, "sp_layer_decay must be in \\(0, 1\\]"),
         ({"sp_interpolation_grid": []}, "sp_interpolation_grid must be a non-empty list"),
-        ({"sp_penalty": "l3_sp"}, "sp_penalty='l3_sp': Unknown penalty"),
+        ({"sp_penalty": "l3_sp"}, "sp_penalty='l3_sp' is not a known penalty"),
     ],
 )
 def test_bad_method_settings_name_the_field(tmp_path, kwargs, match):

@@ -310,3 +310,41 @@ def test_numpy_like_metric_values(metric_value):
     card = render_model_card(make_info(eval_results={"eval_accuracy": Scalar(metric_value)}))
     data = front_matter(str(card))
     assert model_index_values(data) == {("validation", "accuracy"): metric_value}
+
+
+def test_trainer_card_arguments_reach_the_card_beside_the_sp_facts(tmp_path: Path):
+    # Trainer.push_to_hub(**kwargs) passes these to create_model_card; none may vanish
+    from conftest import RandomImages, make_args, tiny_vit
+
+    from hf_sp import SPTrainer
+
+    def accuracy(p):
+        return {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())}
+
+    trainer = SPTrainer(
+        model=tiny_vit(),
+        args=make_args(tmp_path, max_steps=1),
+        train_dataset=RandomImages(),
+        compute_metrics=accuracy,
+    )
+    trainer.train()
+    trainer.evaluate(RandomImages(n=8))
+    trainer.create_model_card(
+        language="en",
+        license="mit",
+        tags=["my-tag"],
+        model_name="my-model",
+        finetuned_from="google/vit-base-patch16-224",
+        tasks="image-classification",
+        dataset_tags="beans",
+        dataset="Beans",
+        dataset_args="default",
+    )
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    data = card.data.to_dict()
+    assert data["license"] == "mit" and data["language"] == ["en"]
+    assert data["base_model"] == "google/vit-base-patch16-224" and data["datasets"] == ["beans"]
+    assert {"my-tag", "l2_sp", "hf_sp"} <= set(data["tags"])
+    assert card.text.lstrip().startswith("<!--") and "# my-model" in card.text
+    assert {r.dataset_args for r in card.data.eval_results} == {"default"}
+    assert "alpha/2 * ||w_S - w0_S||^2" in card.text  # the SP facts stay

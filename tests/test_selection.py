@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import timm
 import torch
 import transformers as tf
-from conftest import tiny_vit
+from conftest import RandomImages, tiny_vit
 
-from hf_sp import find_head_modules, split_parameters, wrap_timm_model
+from hf_sp import estimate_fisher, find_head_modules, split_parameters, wrap_timm_model
 
 CASES = {
     "vit": (tiny_vit, ["classifier"]),
@@ -22,7 +24,7 @@ CASES = {
         lambda: tf.ResNetForImageClassification(
             tf.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=5)
         ),
-        ["classifier.1"],
+        ["classifier"],
     ),
     "swin": (
         lambda: tf.SwinForImageClassification(
@@ -66,7 +68,7 @@ def test_head_found_by_architecture(case):
     assert all(n.endswith(".weight") for n in split.anchored + split.new)  # kernels only by default
     # no overlap, nothing lost
     roles = split.anchored + split.new + split.free
-    assert sorted(roles) == sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert sorted(roles) == sorted(n for n, _ in model.named_parameters())
 
 
 def test_timm_wrapper_head_is_prefixed():
@@ -110,3 +112,66 @@ def test_wrapper_prefixes_are_ignored():
     assert split.role("module.classifier.weight") == "new"
     assert split.role("_fsdp_wrapped_module.vit.layers.0._fsdp_wrapped_module.mlp.fc1.weight") == "anchored"
     assert split.role("_orig_mod.vit.layers.0.mlp.fc1.bias") == "free"
+
+
+def _clip_like(kind: str, num_labels: int):
+    small = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, image_size=16)
+    text = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
+    if kind == "clip":
+        config = tf.CLIPConfig(
+            vision_config={**small, "patch_size": 8}, text_config=text, projection_dim=16, num_labels=num_labels
+        )
+        return tf.CLIPForImageClassification(config)
+    config = tf.SiglipConfig(vision_config={**small, "patch_size": 8}, text_config=text, num_labels=num_labels)
+    return tf.SiglipForImageClassification(config)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_clip_style_head_when_num_labels_equals_the_hidden_size(kind):
+    # their base_model_prefix ('clip', 'siglip') names no module: attention and MLP layers of the hidden size
+    # (16 outputs, like the 16-way head) must not pass for the head
+    model = _clip_like(kind, num_labels=16)
+    assert find_head_modules(model) == ["classifier"]
+    split = split_parameters(model)
+    assert split.new == ["classifier.weight"]
+    assert "vision_model.encoder.layers.0.self_attn.q_proj.weight" in split.anchored
+
+
+def test_replaced_mlp_head_is_new_as_a_whole():
+    model = tiny_vit()
+    model.classifier = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    assert find_head_modules(model) == ["classifier"]
+    split = split_parameters(model)
+    # the hidden layer is new too: anchoring it to its random initialisation would be wrong
+    assert split.new == ["classifier.0.weight", "classifier.2.weight"]
+    assert not any(n.startswith("classifier") for n in split.anchored)
+    assert "found by structure" in split.summary()
+
+
+def test_tied_tensor_listed_once():
+    model = tiny_vit()
+    attention = model.vit.layers[0].attention
+    attention.k_proj.weight = attention.q_proj.weight  # one tensor under two names
+    split = split_parameters(model)
+    assert "vit.layers.0.attention.q_proj.weight" in split.anchored
+    assert "vit.layers.0.attention.k_proj.weight" not in split.anchored + split.new + split.free
+    assert len(split.anchored) == len(set(split.anchored))
+    unique = {id(p): p for p in model.parameters()}
+    total = sum(math.prod(split.shapes[n]) for n in split.anchored + split.new + split.free)
+    assert total == sum(p.numel() for p in unique.values())
+    # the Fisher over the anchored names (sp_fisher_batches) works on it
+    data = RandomImages(n=4)
+    loader = [{"pixel_values": data.x, "labels": data.y}]
+    fisher = estimate_fisher(model, loader, param_names=split.anchored)
+    assert sorted(fisher) == sorted(split.anchored)
+
+
+def test_roles_follow_structure_not_requires_grad():
+    model = tiny_vit()
+    unfrozen = split_parameters(model)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("classifier"))
+    frozen = split_parameters(model)
+    assert frozen.anchored == unfrozen.anchored and frozen.new == unfrozen.new and frozen.free == unfrozen.free
+    assert set(frozen.frozen) == {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert f"{len(frozen.anchored)} frozen now" in frozen.summary()

@@ -7,10 +7,11 @@ import itertools
 import math
 
 import pytest
+import timm
 import torch
-from conftest import RandomImages, make_args, tiny_timm_cnn, tiny_timm_vit, tiny_vit
+from conftest import TINY_TIMM_VIT_ARGS, RandomImages, make_args, tiny_timm_cnn, tiny_timm_vit, tiny_vit
 from formulas import penalty_formula
-from transformers import TrainerCallback
+from transformers import AutoModelForImageClassification, TrainerCallback
 
 from hf_sp import SPTrainer, list_penalties, save_fisher, split_parameters
 from hf_sp.models import is_timm_model, wrap_timm_model
@@ -348,3 +349,88 @@ def test_hyperparameter_search_anchors_each_trial_on_its_fresh_model(tmp_path):
     )
     assert check.checked == 2 and best is not None
     assert check.alphas[0] != check.alphas[1]
+
+
+class _UnfreezeAtStart(TrainerCallback):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        model.requires_grad_(True)
+
+
+def test_tensors_frozen_at_build_train_with_their_penalty_once_unfrozen(tmp_path):
+    # gradual unfreezing: the body is frozen when the trainer (and its optimizer) is built, unfrozen before the
+    # first step; the run must equal one that was never frozen (roles by structure, tensors in the optimizer)
+    expected = reference_run(tiny_vit(), RandomImages(), penalty="l2_sp", alpha=0.3, beta=0.2, lr=0.05, steps=3)
+    model = tiny_vit()
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("classifier"))
+    args = make_args(tmp_path, sp_alpha=0.3, sp_beta=0.2)
+    trainer = SPTrainer(model=model, args=args, train_dataset=RandomImages(), callbacks=[_UnfreezeAtStart()])
+    trainer.train()
+    got = params(trainer.model)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    roles = {n: g["sp_role"] for g in trainer.optimizer.optimizer.param_groups for n in g["sp_names"]}
+    assert all(roles[n] == "anchored" for n in trainer.sp_regularizer.split.anchored)
+
+
+def test_raw_timm_model_with_architecture_arguments_is_refused_with_the_fix(tmp_path):
+    # saved with empty model_args, it would be rebuilt with the default architecture on resume / from_pretrained
+    raw = timm.create_model("vit_tiny_patch16_224", num_classes=3, **TINY_TIMM_VIT_ARGS)
+    with pytest.raises(ValueError, match=r"first difference.*wrap_timm_model\(model, model_args="):
+        SPTrainer(model=raw, args=make_args(tmp_path), train_dataset=RandomImages())
+    with pytest.raises(ValueError, match=r"model_args=\{'img_size': 16\}"):  # incomplete arguments are caught too
+        wrap_timm_model(raw, model_args={"img_size": 16})
+
+
+def test_timm_model_args_rebuild_the_saved_model(tmp_path):
+    trainer = SPTrainer(model=tiny_timm_vit(), args=make_args(tmp_path, max_steps=1), train_dataset=RandomImages())
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "saved")
+    for name, value in params(trainer.model).items():
+        torch.testing.assert_close(params(loaded)[name], value, msg=name)
+
+
+@pytest.mark.parametrize("alpha,beta,stops", [(0.0, 0.0, False), (0.1, 0.0, True), (0.0, 0.1, True)])
+def test_divergence_stops_only_when_the_penalty_is_active(tmp_path, alpha, beta, stops):
+    # at zero strength the penalty changes nothing, so Trainer's rule holds: logging_nan_inf_filter and carry on
+    class DivergeAll(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 2:
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.fill_(float("nan"))
+
+    args = make_args(tmp_path, max_steps=4, sp_alpha=alpha, sp_beta=beta)
+    trainer = SPTrainer(model=tiny_vit(), args=args, train_dataset=RandomImages(), callbacks=[DivergeAll()])
+    if stops:
+        with pytest.raises(FloatingPointError, match="non-finite"):
+            trainer.train()
+    else:
+        trainer.train()
+        assert trainer.state.global_step == 4
+
+
+def test_load_best_model_at_end_loads_all_of_the_best_checkpoint(tmp_path):
+    # HF ViT is saved under legacy key names, which Trainer's non-strict load would silently skip
+    args = make_args(
+        tmp_path,
+        max_steps=3,
+        eval_strategy="steps",
+        eval_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        greater_is_better=False,  # the eval loss on these images is lowest before the last step
+    )
+    trainer = SPTrainer(model=tiny_vit(), args=args, train_dataset=RandomImages(), eval_dataset=RandomImages(n=8))
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not best.endswith("checkpoint-3")
+    expected = params(type(trainer.model).from_pretrained(best))
+    last = params(type(trainer.model).from_pretrained(str(tmp_path / "out" / "checkpoint-3")))
+    got = params(trainer.model)
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=0, msg=name)
+    assert any(not torch.equal(got[n], last[n]) for n in last)

@@ -124,13 +124,12 @@ class StartingPointPenalty(TransferMethod):
 
     @classmethod
     def validate(cls, args: Any) -> None:
-        if args.sp_penalty != "none":
-            try:
-                info = get_penalty_info(args.sp_penalty)
-            except ValueError as err:
-                raise ValueError(f"sp_penalty={args.sp_penalty!r}: {err}") from None
-        else:
-            info = None
+        if args.sp_penalty not in list_penalties():
+            raise ValueError(
+                f"sp_penalty={args.sp_penalty!r} is not a known penalty. Known penalties: "
+                f"{', '.join(list_penalties())} (hf_sp.register_penalty adds one)."
+            )
+        info = None if args.sp_penalty == "none" else get_penalty_info(args.sp_penalty)
         for name in ("sp_alpha", "sp_beta"):
             value = getattr(args, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
@@ -169,9 +168,8 @@ class StartingPointPenalty(TransferMethod):
         info = get_penalty_info(args.sp_penalty)
         if not split.anchored:
             raise ValueError(
-                f"Nothing left to anchor: no trainable pretrained tensor is penalized (sp_include={args.sp_include!r}, "
-                f"head modules {split.head_modules}). Unfreeze the body, use sp_include='all', or check "
-                "sp_head_modules."
+                f"Nothing left to anchor: no pretrained tensor is penalized (sp_include={args.sp_include!r}, "
+                f"head modules {split.head_modules}). Use sp_include='all', or check sp_head_modules."
             )
         fisher = None
         if info.needs_fisher and args.sp_fisher_path is not None:
