@@ -23,7 +23,7 @@ def run(cmd: list[str], tmp_path: Path) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("penalty", ["l2_sp", "group_lasso_sp"])
+@pytest.mark.parametrize("penalty", ["l2_sp", "group_lasso_sp", "recipe"])
 def test_ddp_two_processes_equal_one(tmp_path, penalty):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     run([sys.executable, str(SCRIPT), str(single), "8", penalty], tmp_path)
@@ -42,6 +42,11 @@ def test_ddp_two_processes_equal_one(tmp_path, penalty):
     dist_b = [h["sp_dist"] for h in logs_b if "sp_dist" in h]
     assert len(dist_a) == 4 and dist_b == pytest.approx(dist_a, rel=1e-9)  # never multiplied by world size
     assert dist_a[-1] > 0
+    if penalty == "recipe":  # the probe, the interpolation's choice and its val curve: the same on two processes
+        ends_a, ends_b = [h for h in logs_a if "sp_interpolation_t" in h], [h for h in logs_b if "sp_interpolation_t" in h]
+        assert len(ends_a) == 1 and ends_b == [pytest.approx(ends_a[0], rel=1e-9)]
+        probe_a = [h["sp_probe_C"] for h in logs_a if "sp_probe_C" in h]
+        assert probe_a and probe_a == [h["sp_probe_C"] for h in logs_b if "sp_probe_C" in h]
 
 
 @pytest.mark.slow

@@ -137,30 +137,24 @@ class Interpolation(TransferMethod):
             state = optimizer.state.get(p, {})
             if START_KEY in state or ANCHOR_KEY in state:
                 self._unsettled.discard(p)
-            elif not state and p not in self._pending:
+            elif p not in self._pending:
                 self._pending[p] = p.detach().to(torch.promote_types(p.dtype, torch.float32), copy=True)
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        # Stored once the optimizer has initialised the tensor's state: optimizers such as Adam initialise a state
-        # only when it is empty. A tensor without gradient at this step was not moved: its copy stays pending.
+        # Stored once the tensor was stepped (it had a gradient): by then optimizers such as Adam have initialised its
+        # state, which they do only when it is empty. A tensor without gradient was not moved: its copy stays pending.
         for p in list(self._pending):
-            state = optimizer.state.get(p, {})
+            state = optimizer.state[p] if p.grad is not None else optimizer.state.get(p, {})
             if ANCHOR_KEY in state:
                 del self._pending[p]
-            elif state:
+            elif p.grad is not None:
                 state[START_KEY] = self._pending.pop(p)
+                self._unsettled.discard(p)
 
     def _start_of(self, optimizer: torch.optim.Optimizer, p: torch.Tensor) -> torch.Tensor:
         state = optimizer.state.get(p, {})
         start = state.get(ANCHOR_KEY, state.get(START_KEY, self._pending.get(p)))
-        if start is None and not state:
-            return p.detach().clone()  # never stepped: still at its start
-        if start is None:
-            raise RuntimeError(
-                "A tensor was trained without its start being recorded, so it cannot be interpolated. Resume from a "
-                "checkpoint written with sp_interpolation_grid set, or start again from the pretrained model."
-            )
-        return start
+        return p.detach().clone() if start is None else start  # none: never stepped, still at its start
 
     # --------------------------------------------------------------- checkpoints
     def on_save(self, ctx: MethodContext, checkpoint: str) -> None:
@@ -175,10 +169,14 @@ class Interpolation(TransferMethod):
                 "sp_interpolation_grid, so the start of the interpolation is unknown. Resume with the settings the run "
                 "started with, or start again from the pretrained model."
             )
-        if path.is_file():
-            self.start_buffers = load_file(str(path), device=str(ctx.device or "cpu"))
-        else:
-            self.start_buffers = {}
+        self.start_buffers = load_file(str(path), device=str(ctx.device or "cpu")) if path.is_file() else {}
+        stepped = [p for g in optimizer.param_groups for p in g["params"] if optimizer.state.get(p)]
+        if any(START_KEY not in optimizer.state[p] and ANCHOR_KEY not in optimizer.state[p] for p in stepped):
+            raise ValueError(
+                f"resume_from_checkpoint={checkpoint!r} has tensors trained without their start recorded: it was not "
+                "written with sp_interpolation_grid. Resume with the settings the run started with, or start again "
+                "from the pretrained model."
+            )
 
     # --------------------------------------------------------------- after the last step
     def on_train_end(self, ctx: MethodContext, optimizer: torch.optim.Optimizer | None) -> dict[str, float]:

@@ -1,6 +1,9 @@
 """Train a tiny timm ViT with SPTrainer and save the final weights: run alone or under accelerate launch.
 
 python tests/scripts/train_tiny.py OUT_DIR BATCH_PER_DEVICE [PENALTY]
+
+PENALTY "recipe": a timm CNN with every transfer method (probe head, frozen BatchNorm, per-role learning rates,
+L2-SP, interpolation chosen on an eval set).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import RandomImages, make_args, tiny_timm_vit  # noqa: E402
+from conftest import RandomImages, make_args, tiny_timm_cnn, tiny_timm_vit  # noqa: E402
 
 from hf_sp import SPTrainer  # noqa: E402
 
@@ -22,6 +25,14 @@ from hf_sp import SPTrainer  # noqa: E402
 def main() -> None:
     out, batch = Path(sys.argv[1]), int(sys.argv[2])
     penalty = sys.argv[3] if len(sys.argv) > 3 else "l2_sp"
+    recipe = penalty == "recipe"
+    methods = dict(
+        sp_head_init="probe",
+        sp_batchnorm="frozen",
+        sp_body_lr_scale=0.5,
+        sp_layer_decay=0.5,
+        sp_interpolation_grid=[0.0, 0.5, 1.0],
+    )
     args = make_args(
         out.parent,
         output_dir=str(out),
@@ -30,18 +41,22 @@ def main() -> None:
         max_steps=4,
         # gloo: the CPU process group (transformers does not pick it by itself on CPU)
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
-        sp_penalty=penalty,
+        sp_penalty="l2_sp" if recipe else penalty,
         sp_alpha=0.5,
         sp_beta=0.3,
+        **(methods if recipe else {}),
     )
     # float64, so that all-reduce rounding does not swamp the comparison where group lasso is non-smooth
-    model, data = tiny_timm_vit().double(), RandomImages(n=8, dtype=torch.float64)
-    trainer = SPTrainer(model=model, args=args, train_dataset=data)
+    model = (tiny_timm_cnn() if recipe else tiny_timm_vit()).double()
+    data = RandomImages(n=8, dtype=torch.float64)
+    eval_data = RandomImages(n=8, seed=1, dtype=torch.float64) if recipe else None
+    trainer = SPTrainer(model=model, args=args, train_dataset=data, eval_dataset=eval_data)
     trainer.train()
     if trainer.is_world_process_zero():
         state = {n: p.detach().contiguous() for n, p in trainer.model.named_parameters()}
         save_file(state, str(out / "final.safetensors"))
         logs = [{k: v for k, v in h.items() if k.startswith("sp_") or k == "loss"} for h in trainer.state.log_history]
+        logs = [h for h in logs if h]
         (out / "logs.json").write_text(json.dumps(logs))
         print("world size", trainer.args.world_size, "steps", trainer.state.global_step, torch.__version__)
 

@@ -1,0 +1,1 @@
+"""Research tooling built on hf_sp's public API: the recipe sweep (not part of the library)."""

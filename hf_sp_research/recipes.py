@@ -1,0 +1,54 @@
+"""The fine-tuning recipes the recipe sweep compares, each with its own small hyperparameter grid.
+
+A recipe is a set of ``SPConfig`` fields (penalty, head initialisation, BatchNorm handling); its grid
+lists the settings tried at the first seed, chosen on the validation split. Every recipe is reported
+twice: as trained (``t = 1``) and interpolated toward its start after training (WiSE-FT, ``t`` chosen
+on the validation split), from the same run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["RECIPES", "Recipe"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One recipe: fixed ``SPConfig`` fields and a grid of settings chosen on val."""
+
+    name: str
+    title: str
+    fields: dict[str, Any]
+    grid: list[dict[str, Any]] = field(default_factory=list)
+    #: Run the other seeds at the chosen setting (False: a diagnostic, first seed only).
+    seeds: bool = True
+
+
+def _recipes() -> dict[str, Recipe]:
+    paper = {"sp_head_init": "random", "sp_batchnorm": "train"}
+    lp_ft = {"sp_head_init": "probe"}
+    items = [
+        Recipe("l2", "L2 (fine-tuning, decay toward 0)", {**paper, "sp_penalty": "l2", "sp_alpha": 1e-5},
+               [{"learning_rate": 0.01}]),
+        Recipe("l2_sp", "L2-SP", {**paper, "sp_penalty": "l2_sp", "sp_alpha": 1e-3}, [{"learning_rate": 0.01}]),
+        Recipe("lp_ft_frozen_bn", "LP-FT, BatchNorm frozen", {**lp_ft, "sp_penalty": "none", "sp_batchnorm": "frozen"},
+               [{"learning_rate": 1e-3}, {"learning_rate": 3e-3}]),
+        Recipe("lp_ft_l2_sp_frozen_bn", "LP-FT + L2-SP, BatchNorm frozen",
+               {**lp_ft, "sp_penalty": "l2_sp", "sp_batchnorm": "frozen"},
+               [{"learning_rate": 3e-3, "sp_alpha": 0.01}, {"learning_rate": 3e-3, "sp_alpha": 0.1}]),
+        Recipe("lp_ft", "LP-FT, BatchNorm in train mode", {**lp_ft, "sp_penalty": "none", "sp_batchnorm": "train"},
+               [{"learning_rate": 1e-3}], seeds=False),
+        Recipe("l2_frozen_bn", "L2, BatchNorm frozen",
+               {**paper, "sp_penalty": "l2", "sp_alpha": 1e-5, "sp_batchnorm": "frozen"},
+               [{"learning_rate": 3e-3}], seeds=False),
+        Recipe("l2_sp_frozen_bn", "L2-SP, BatchNorm frozen",
+               {**paper, "sp_penalty": "l2_sp", "sp_alpha": 1e-3, "sp_batchnorm": "frozen"},
+               [{"learning_rate": 3e-3}], seeds=False),
+    ]
+    return {r.name: r for r in items}
+
+
+#: The recipes in report order (baselines first).
+RECIPES: dict[str, Recipe] = _recipes()

@@ -1,0 +1,84 @@
+"""The recipe sweep (hf_sp_research): a tiny end-to-end run on the packaged model, resume, and the report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_reproduce import make_tree
+
+from hf_sp_research import recipe_sweep
+from hf_sp_research.recipe_sweep import RecipeSweepConfig, parse_args
+
+
+def tiny_config(tmp_path: Path, **overrides) -> RecipeSweepConfig:
+    values = dict(
+        data_dir=str(make_tree(tmp_path / "data")),
+        output_dir=str(tmp_path / "sweep"),
+        recipes=["l2", "lp_ft_frozen_bn"],
+        seeds=[0, 1],
+        image_size=32,
+        num_train_epochs=1,
+        batch_size=4,
+        eval_batch_size=8,
+        interpolation_grid=[0.0, 0.5, 1.0],
+    )
+    values.update(overrides)
+    return RecipeSweepConfig(**values)
+
+
+@pytest.mark.slow
+def test_recipe_sweep_end_to_end_and_resume(tmp_path, monkeypatch):
+    config = tiny_config(tmp_path)
+    report = recipe_sweep.run_recipe_sweep(config)
+    out = Path(config.output_dir)
+    probe = report["linear_probe"]
+    rows = {(r["recipe"], r["variant"]): r for r in report["rows"]}
+    assert set(rows) == {(r, v) for r in config.recipes for v in ("trained", "interpolated")}
+    for runs in report["runs"].values():
+        for run in runs:
+            curve = {c["t"]: c for c in run["curve"]}
+            # the run as trained is t = 1 of its interpolation path; the interpolated one is the val-best t
+            assert (run["val_accuracy"], run["test_accuracy"]) == (curve[1.0]["val_accuracy"], curve[1.0]["test_accuracy"])
+            assert run["interp_val_accuracy"] == max(c["val_accuracy"] for c in run["curve"])
+            if run["recipe"] == "lp_ft_frozen_bn":
+                # t = 0 is the start: the pretrained body with the probe head, BatchNorm at the source statistics,
+                # i.e. the linear probe that the sweep fits by itself
+                assert curve[0.0]["val_accuracy"] == pytest.approx(probe["val_accuracy"])
+                assert curve[0.0]["test_accuracy"] == pytest.approx(probe["test_accuracy"])
+    assert len(rows["l2", "trained"]["test"]) == 2  # seeds 0 and 1 at the chosen setting
+    table = (out / "results.md").read_text()
+    assert "| LP-FT, BatchNorm frozen | interpolated |" in table and "Linear probe: val" in table
+    assert json.loads((out / "results.json").read_text())["rows"] == json.loads(json.dumps(report["rows"]))
+
+    # a second invocation trains nothing; a run without its result file is the only one trained again
+    calls = []
+    real = recipe_sweep.train_one
+
+    def counting(config, data, spec, run_dir, recipe):
+        calls.append(spec.name)
+        return real(config, data, spec, run_dir, recipe)
+
+    monkeypatch.setattr(recipe_sweep, "train_one", counting)
+    recipe_sweep.run_recipe_sweep(config)
+    assert calls == []
+    lost = next((out / "runs").iterdir())
+    (lost / recipe_sweep.RESULT_FILE).unlink()
+    recipe_sweep.run_recipe_sweep(config)
+    assert calls == [lost.name]
+
+
+def test_recipe_sweep_arguments(tmp_path):
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("dataset_name: someone/dtd\nshots_per_class: {train: 4}\nrecipes: [l2]\n")
+    config = parse_args(["--config", str(yaml_file), "--seeds", "3", "4"])
+    assert (config.dataset_name, config.shots_per_class, config.recipes, config.seeds) == (
+        "someone/dtd", {"train": 4}, ["l2"], [3, 4]
+    )
+    local = parse_args(["--config", str(yaml_file), "--data_dir", "somewhere"])
+    assert (local.data_dir, local.dataset_name, local.shots_per_class) == ("somewhere", None, None)
+    with pytest.raises(ValueError, match="recipes: unknown"):
+        RecipeSweepConfig(data_dir="x", recipes=["lp_ft_plus"])
+    with pytest.raises(ValueError, match="must contain 1.0"):
+        RecipeSweepConfig(data_dir="x", interpolation_grid=[0.0, 0.5])
