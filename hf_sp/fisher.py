@@ -11,11 +11,16 @@ and ``m`` is the number of samples.  This is the "true" Fisher: the squared per-
 of the log-likelihood are averaged over the model's *own* predictive distribution.  It is neither
 the empirical Fisher (gradients at the dataset labels) nor the square of a mini-batch gradient.
 
-The per-sample gradients are computed with :mod:`torch.func` (``functional_call`` + ``vmap`` +
-``vjp``): for each sample one forward pass is made and one vector-Jacobian product per class slot:
-with cotangent ``e_k`` (one-hot at class ``k``) the VJP of ``log softmax(logits)`` is exactly
-``d log f_k / d w``.  Either the samples of a batch or the class slots of a sample are vectorized
-(``vectorize``).
+With cotangent ``e_k`` (one-hot at class ``k``) on ``log softmax(logits)``, a backward pass gives exactly
+``d log f_k / d w``.  By default (``vectorize="hooks"``, :mod:`hf_sp._fisher_hooks`) one forward pass is made
+per batch and one backward pass per class slot over the whole batch, asking only for the gradients of the
+layers' outputs; forward hooks save the layers' inputs, and each layer's per-sample squared gradients follow
+from the two (as Opacus' ``GradSampleModule`` and BackPACK compute per-sample gradients), with
+:mod:`torch.func` for the layers that have no rule.  Opacus and BackPACK themselves were not adopted: Opacus
+refuses BatchNorm and fails on timm's and transformers' ViTs (parameters held by the model itself, layers
+called outside their ``forward``), BackPACK's graph converter fails on both ViTs.  The other ``vectorize``
+paths compute everything with :mod:`torch.func` (``functional_call`` + ``vmap`` + ``vjp``), vectorizing
+either the samples of a batch or the class slots of a sample.
 
 Three estimators of the inner sum over classes are available:
 
@@ -49,8 +54,10 @@ from torch.func import functional_call, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
+from ._fisher_hooks import HookedFisher, NotPerSample
+
 #: How :func:`estimate_fisher` vectorizes the per-sample, per-class gradients.
-VECTORIZE = ("auto", "samples", "classes")
+VECTORIZE = ("auto", "hooks", "samples", "classes")
 
 __all__ = ["FISHER_FORMAT", "check_fisher", "estimate_fisher", "load_fisher", "save_fisher"]
 
@@ -151,16 +158,19 @@ def _class_slots(
     return labels, probs
 
 
-def resolve_vectorize(vectorize: str, device: torch.device) -> str:
-    """``vectorize`` with ``"auto"`` resolved: ``"classes"`` on CPU, ``"samples"`` on accelerators.
+def resolve_vectorize(vectorize: str, device: torch.device, hooks_supported: bool = True) -> str:
+    """``vectorize`` with ``"auto"`` resolved: ``"hooks"`` where the model decomposes per sample, else the
+    :mod:`torch.func` path that is faster on ``device``: ``"classes"`` on CPU, ``"samples"`` on accelerators.
 
     On CPU, ``vmap`` over samples turns every convolution's weight gradient into a grouped convolution
     and every matmul's into a small batched one; one forward pass per sample with its class slots
     batched was faster for both a ResNet and a ViT (``scripts/benchmark.py --sections fisher``).
     """
-    if vectorize != "auto":
-        return vectorize
-    return "classes" if device.type == "cpu" else "samples"
+    if vectorize == "auto" and hooks_supported:
+        return "hooks"
+    if vectorize in ("auto", "hooks") and not hooks_supported:
+        return "classes" if device.type == "cpu" else "samples"
+    return vectorize
 
 
 def estimate_fisher(
@@ -188,8 +198,8 @@ def estimate_fisher(
 
     The model runs in eval mode (BatchNorm uses its running statistics, dropout is off); the train/eval
     flag of every submodule is restored afterwards.  Parameters, buffers and ``requires_grad`` flags are
-    left untouched.  Per-sample gradients are vectorized over the batch with ``torch.func``: one forward
-    pass per sample and one vector-Jacobian product per class slot.
+    left untouched.  One forward pass per batch and one backward pass per class slot (``vectorize="hooks"``,
+    the default), or :mod:`torch.func` over the samples or the class slots.
 
     Args:
         model: a classifier returning logits ``[B, K]`` as a tensor, a ``ModelOutput``/dict with
@@ -205,18 +215,19 @@ def estimate_fisher(
             ``1/num_label_samples``.  Unbiased.  Mutually exclusive with ``top_k``.
         param_names: parameters to estimate (names from ``model.named_parameters()``); default: all
             parameters with ``requires_grad=True``.
-        chunk_size: vectorize at most this many samples (``vectorize="samples"``) or class slots
-            (``"classes"``) at a time (passed to ``vmap``); bounds the memory of the vectorized
+        chunk_size: vectorize at most this many samples (``vectorize="samples"``; ``"hooks"`` bounds the
+            memory of its saved output gradients itself) or class slots (``"classes"``) at a time (passed to ``vmap``); bounds the memory of the vectorized
             forward/backward and of the per-sample gradients (``chunk_size x #params``).  ``None``: a
             whole batch (all class slots) at once.
         generator: random generator for ``num_label_samples``.
         progress: show a tqdm progress bar over the batches.
         dtype: floating dtype of the returned tensors (default ``torch.float32``).
-        vectorize: ``"samples"``: ``vmap`` over the samples of a batch, one VJP per class slot (fast
-            where batched per-sample weight gradients are: matmul layers, GPUs); ``"classes"``: one
-            forward pass per sample and ``vmap`` over its class slots (each convolution's weight
-            gradient for all slots is then one ordinary convolution instead of a grouped one: faster
-            on CPU); ``"auto"``: ``"classes"`` on CPU, else ``"samples"``.  Same Fisher either way.
+        vectorize: ``"hooks"``: one forward pass per batch, one backward pass per class slot, per-sample
+            squares from layer inputs and output gradients (:mod:`hf_sp._fisher_hooks`; models whose samples
+            interact, through BatchNorm on batch statistics or parameters tied between modules, use the
+            ``torch.func`` path instead); ``"samples"``: ``vmap`` over the samples of a batch, one VJP per class
+            slot; ``"classes"``: one forward pass per sample and ``vmap`` over its class slots (faster than
+            ``"samples"`` on CPU); ``"auto"``: ``"hooks"``.  Same Fisher either way.
 
     Returns:
         ``{name: F}`` with ``F`` of the parameter's shape, on CPU, of ``dtype``, all entries ``>= 0``.
@@ -284,7 +295,10 @@ def estimate_fisher(
                 squares = g.to(acc_dtypes[n]).reshape(g.shape[0], -1).square()
                 fisher[n].view(-1).addmv_(squares.T, weights[i].to(acc_dtypes[n]))
 
-    vectorize = resolve_vectorize(vectorize, device)
+    hooked = None
+    if vectorize in ("auto", "hooks") and HookedFisher.supported(model, names):
+        hooked = HookedFisher(model, names)
+    vectorize = resolve_vectorize(vectorize, device, hooks_supported=hooked is not None)
 
     try:
         total_batches: int | None = len(dataloader)  # type: ignore[arg-type]
@@ -296,6 +310,7 @@ def estimate_fisher(
 
     modes = {m: m.training for m in model.modules()}
     num_samples = 0
+    hooked_ok = False
     model.eval()
     try:
         # The fused scaled_dot_product_attention kernels have no vmap batching rule (vmap would fall back to a
@@ -310,6 +325,18 @@ def estimate_fisher(
                     probs = torch.softmax(_logits(functional_call(model, (params, constants), (x,))), dim=-1)
                 labels, weights = _class_slots(probs, top_k, num_label_samples, generator)
                 num_samples += x.shape[0]
+                if hooked is not None:
+                    # The first batch checks that the hooks see independent samples; if not, torch.func takes over.
+                    before = {n: f.clone() for n, f in fisher.items()} if not hooked_ok else None
+                    try:
+                        hooked.add(x, labels, weights, params, constants, _logits, fisher)
+                        hooked_ok = True
+                        continue
+                    except NotPerSample:
+                        if before is None:
+                            raise
+                        fisher.update(before)
+                        hooked, vectorize = None, resolve_vectorize("auto", device, hooks_supported=False)
                 if vectorize == "classes":
                     over_classes(x, labels, weights)
                     continue

@@ -80,7 +80,7 @@ def test_quick_benchmark_writes_all_sections(tmp_path):
         assert pen["grad_allclose"] is True
         assert _positive(pen["floor_s"]) and pen["anchored_numel"] > 0
         assert _positive(pen["bandwidth"]["GB_per_s"])
-        for method in ("hf_sp_pre_step", "l2_sp_accumulate", "autograd_loop"):
+        for method in ("hf_sp_pre_step", "l2_sp_accumulate", "whole_tensor_kernel", "autograd_loop"):
             assert _positive(pen["methods"][method]["median_s"])
 
     for model in cfg["memory_models"]:
@@ -93,7 +93,7 @@ def test_quick_benchmark_writes_all_sections(tmp_path):
         assert fisher["allclose"] is True
         assert _positive(fisher["vectorized_median_s"]) and _positive(fisher["loop_median_s"])
         assert _positive(fisher["speedup"])
-        assert fisher["auto"] in ("samples", "classes")
+        assert fisher["auto"] in ("hooks", "samples", "classes")
         assert fisher["vectorized_median_s"] == fisher["median_s"][fisher["auto"]]
 
     for heading in ("## 1. Step time", "## 2. Peak memory", "## 3. The penalty alone", "## 4. Fisher estimation"):

@@ -65,7 +65,7 @@ def _assert_close(fisher: dict[str, torch.Tensor], ref: dict[str, torch.Tensor],
 # --------------------------------------------------------------------------------------------- exact Fisher
 
 
-@pytest.mark.parametrize("vectorize", ["samples", "classes"])
+@pytest.mark.parametrize("vectorize", ["hooks", "samples", "classes"])
 def test_exact_fisher_matches_reference_and_leaves_model_untouched(vectorize):
     model = _tiny_model()
     model.train()
@@ -96,7 +96,7 @@ def test_exact_fisher_matches_reference_and_leaves_model_untouched(vectorize):
     assert not torch.allclose(batch_stats_logits, model(x[:4]))
 
 
-@pytest.mark.parametrize("vectorize", ["samples", "classes"])
+@pytest.mark.parametrize("vectorize", ["hooks", "samples", "classes"])
 def test_chunking_batch_formats_and_max_batches(vectorize):
     model = _tiny_model()
     model.eval()
@@ -152,7 +152,7 @@ def test_param_selection():
 # --------------------------------------------------------------------------------------------- approximations
 
 
-@pytest.mark.parametrize("vectorize", ["samples", "classes"])
+@pytest.mark.parametrize("vectorize", ["hooks", "samples", "classes"])
 def test_top_k_matches_renormalized_reference(vectorize):
     model = _tiny_model()
     x = _inputs(5)
@@ -172,7 +172,7 @@ def test_top_k_matches_renormalized_reference(vectorize):
     )
 
 
-@pytest.mark.parametrize("vectorize", ["samples", "classes"])
+@pytest.mark.parametrize("vectorize", ["hooks", "samples", "classes"])
 def test_sampled_labels_match_reference_with_same_draws(vectorize):
     model = _tiny_model()
     x = _inputs(5)
@@ -234,9 +234,10 @@ def _check_structure(fisher: dict[str, torch.Tensor], model: nn.Module) -> None:
     check_fisher(fisher, model)
 
 
-def test_auto_vectorizes_classes_on_cpu():
-    assert resolve_vectorize("auto", torch.device("cpu")) == "classes"
-    assert resolve_vectorize("auto", torch.device("cuda")) == "samples"
+def test_auto_uses_hooks_where_samples_decompose():
+    assert resolve_vectorize("auto", torch.device("cpu")) == "hooks"
+    assert resolve_vectorize("auto", torch.device("cpu"), hooks_supported=False) == "classes"
+    assert resolve_vectorize("hooks", torch.device("cuda"), hooks_supported=False) == "samples"
     assert resolve_vectorize("samples", torch.device("cpu")) == "samples"
 
 
@@ -256,7 +257,7 @@ def test_timm_model():
     _check_structure(top, model)
 
 
-@pytest.mark.parametrize("vectorize", ["samples", "classes"])
+@pytest.mark.parametrize("vectorize", ["hooks", "samples", "classes"])
 def test_transformers_vit_dict_batches_matches_reference(vectorize):
     transformers = pytest.importorskip("transformers")
     config = transformers.ViTConfig(

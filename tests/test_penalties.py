@@ -9,11 +9,12 @@ import torch
 from formulas import penalty_formula as _formula
 
 from hf_sp import get_penalty, get_penalty_info, list_penalties, register_penalty
+from hf_sp.penalties import _registry
 
 
 def _tensors(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    shapes = [(8, 3, 3, 3), (5, 8), (7,), (4, 2, 1, 1)]
+    shapes = [(8, 3, 3, 3), (5, 8), (7,), (4, 2, 1, 1), (2,)]
     w = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
     w0 = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
     fisher = [torch.rand(s, generator=g, dtype=torch.float64) for s in shapes]
@@ -21,6 +22,14 @@ def _tensors(seed: int = 0):
 
 
 PENALTIES = [name for name in list_penalties() if name != "none"]
+
+
+@pytest.fixture(params=["whole", "blocks"])
+def block(request, monkeypatch):
+    """Blocks of 10 entries: big tensors split into slices (a last, shorter one), small ones grouped."""
+    if request.param == "blocks":
+        monkeypatch.setattr(_registry, "CPU_BLOCK_NUMEL", 10)
+    return request.param
 
 
 def test_registry_lists_the_paper_penalties():
@@ -34,7 +43,7 @@ def test_registry_lists_the_paper_penalties():
 
 @pytest.mark.parametrize("name", PENALTIES)
 @pytest.mark.parametrize("scale", [1.0, 0.37])
-def test_value_and_gradient_match_formula(name, scale):
+def test_value_and_gradient_match_formula(name, scale, block):
     w, w0, fisher = _tensors()
     leaves = [t.clone().requires_grad_(True) for t in w]
     expected = _formula(name, leaves, w0, fisher)
@@ -50,7 +59,7 @@ def test_value_and_gradient_match_formula(name, scale):
 
 
 @pytest.mark.parametrize("name", PENALTIES)
-def test_decoupled_step_is_w_minus_lr_times_gradient(name):
+def test_decoupled_step_is_w_minus_lr_times_gradient(name, block):
     """With out=w and scale=-lr, the penalty moves w by -lr * dOmega/dw computed at the old w."""
     w, w0, fisher = _tensors(1)
     leaves = [t.clone().requires_grad_(True) for t in w]

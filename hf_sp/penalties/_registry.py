@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +10,12 @@ import torch
 __all__ = ["Penalty", "PenaltyInfo", "get_penalty", "get_penalty_info", "list_penalties", "register_penalty"]
 
 Tensors = list[torch.Tensor]
+
+#: Entries per block of the elementwise kernels on CPU (1 MiB of fp32): a block's temporaries (``w - w0``)
+#: stay in the cores' L2 caches between the op that writes them and the ops that read them, so each anchored
+#: entry crosses main memory once (read ``w``, ``w0``, ``grad``; write ``grad``: the 16-byte floor) instead of
+#: also writing and re-reading the temporary. Accelerators take whole tensors: one launch per op and chunk.
+CPU_BLOCK_NUMEL = 1 << 18
 
 
 class Penalty:
@@ -104,6 +110,34 @@ def get_penalty_info(name: str) -> PenaltyInfo:
 def get_penalty(name: str) -> Penalty:
     """A fresh instance of the penalty registered as ``name``."""
     return get_penalty_info(name).cls()
+
+
+def blocks(*lists: Tensors) -> Iterator[tuple[Tensors, ...]]:
+    """Aligned blocks of ``lists`` (lists of same-shaped tensors): on CPU, flat slices of at most
+    :data:`CPU_BLOCK_NUMEL` entries (contiguous tensors are split, small ones grouped); elsewhere the lists.
+
+    The slices are views: writing a block's ``out`` writes the tensors.
+    """
+    if not lists[0] or lists[0][0].device.type != "cpu":
+        yield lists
+        return
+    block: list[list[torch.Tensor]] = [[] for _ in lists]
+    size = 0
+    for tensors in zip(*lists, strict=True):
+        numel = tensors[0].numel()
+        if numel > CPU_BLOCK_NUMEL and all(t.is_contiguous() for t in tensors):
+            flat = [t.view(-1) for t in tensors]
+            for start in range(0, numel, CPU_BLOCK_NUMEL):
+                yield tuple([f[start : start + CPU_BLOCK_NUMEL]] for f in flat)
+            continue
+        if size and size + numel > CPU_BLOCK_NUMEL:
+            yield tuple(block)
+            block, size = [[] for _ in lists], 0
+        for acc, t in zip(block, tensors, strict=True):
+            acc.append(t)
+        size += numel
+    if size:
+        yield tuple(block)
 
 
 def sum_of_squares(tensors: Tensors) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._registry import Penalty, register_penalty, sum_of_squares
+from ._registry import Penalty, blocks, register_penalty
 
 
 @register_penalty(
@@ -20,9 +20,11 @@ class L1SP(Penalty):
     """
 
     def accumulate(self, w, w0, fisher, out, scale):
-        d = torch._foreach_sub(w, w0)
-        value = torch.stack(torch._foreach_norm(d, ord=1)).sum()
-        dist_sq = sum_of_squares(d)
-        torch._foreach_sign_(d)
-        torch._foreach_add_(out, d, alpha=scale)
-        return value, dist_sq
+        l1, l2 = [], []
+        for wb, w0b, ob in blocks(w, w0, out):  # w - w0 of a block is read back from the cache
+            d = torch._foreach_sub(wb, w0b)
+            l1 += torch._foreach_norm(d, ord=1)
+            l2 += torch._foreach_norm(d)
+            torch._foreach_sign_(d)
+            torch._foreach_add_(ob, d, alpha=scale)
+        return torch.stack(l1).sum(), torch.stack(l2).square().sum()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._registry import Penalty, register_penalty, sum_of_squares
+from ._registry import Penalty, blocks, register_penalty
 
 
 @register_penalty(
@@ -20,7 +20,10 @@ class L2SP(Penalty):
     """
 
     def accumulate(self, w, w0, fisher, out, scale):
-        d = torch._foreach_sub(w, w0)
-        dist_sq = sum_of_squares(d)
-        torch._foreach_add_(out, d, alpha=scale)
+        norms = []
+        for wb, w0b, ob in blocks(w, w0, out):  # w - w0 of a block is read back from the cache
+            d = torch._foreach_sub(wb, w0b)
+            norms += torch._foreach_norm(d)
+            torch._foreach_add_(ob, d, alpha=scale)
+        dist_sq = torch.stack(norms).square().sum()
         return 0.5 * dist_sq, dist_sq

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._registry import Penalty, register_penalty, sum_of_squares
+from ._registry import Penalty, blocks, register_penalty
 
 
 @register_penalty(
@@ -23,9 +23,11 @@ class L2SPFisher(Penalty):
     """
 
     def accumulate(self, w, w0, fisher, out, scale):
-        d = torch._foreach_sub(w, w0)
-        dist_sq = sum_of_squares(d)
-        fd = torch._foreach_mul(d, fisher)
-        value = 0.5 * torch.stack([torch.vdot(a.reshape(-1), b.reshape(-1)) for a, b in zip(fd, d, strict=True)]).sum()
-        torch._foreach_add_(out, fd, alpha=scale)
-        return value, dist_sq
+        norms, values = [], []
+        for wb, w0b, fb, ob in blocks(w, w0, fisher, out):  # the block's temporaries are read back from the cache
+            d = torch._foreach_sub(wb, w0b)
+            norms += torch._foreach_norm(d)
+            fd = torch._foreach_mul(d, fb)
+            values += [torch.vdot(a.reshape(-1), b.reshape(-1)) for a, b in zip(fd, d, strict=True)]
+            torch._foreach_add_(ob, fd, alpha=scale)
+        return 0.5 * torch.stack(values).sum(), torch.stack(norms).square().sum()

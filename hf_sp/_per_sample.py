@@ -1,0 +1,249 @@
+"""Weighted sums of squared per-sample gradients, from layer inputs and output gradients (the Fisher's hooks).
+
+For a batch of ``B`` samples and ``S`` class slots per sample, the Fisher needs, for every parameter entry ``j``::
+
+    sum_s sum_b w[s, b] * G[s, b, j]^2,    G[s, b] = d log f_{y[s, b]}(x_b) / dw   (one sample's gradient)
+
+One backward pass per slot over the whole batch gives the gradient of every layer's output for every sample
+at once (samples are independent in eval mode), and each layer's per-sample parameter gradient is a small
+function of its input and that output gradient, as in Opacus' ``GradSampleModule`` and BackPACK:
+
+* Linear / convolution (``l`` runs over the positions: tokens, output pixels; ``x`` is the input, unfolded for
+  a convolution): ``G[s, b] = sum_l g[s, b, l] x[b, l]^T``. With few positions the squares are summed without
+  forming ``G``: ``sum_s w G[o, i]^2 = sum_{l, l'} x[l, i] x[l', i] * sum_s w g[s, l, o] g[s, l', o]``, one
+  matrix product over ``(b, l <= l')`` pairs; otherwise ``G`` is formed in chunks, squared and summed.
+* norms (BatchNorm in eval mode, LayerNorm, GroupNorm): ``G_weight = sum_l g[l] * x_hat[l]``,
+  ``G_bias = sum_l g[l]`` with ``x_hat`` the normalized input.
+* embeddings: ``G[v] = sum_{l: id_l = v} g[l]`` (rows summed per sample before squaring).
+
+A module called several times in one forward contributes the positions of every call to the same sum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+#: Floats per intermediate block (bounds the memory of the per-chunk products to 64 MiB of fp32).
+BLOCK = 1 << 24
+
+#: Materialize per-sample gradients instead of summing position pairs when pairs cost more than this many
+#: positions per slot (the extra passes over the materialized gradients are counted as these positions).
+_MATERIALIZE_PASSES = 8
+
+
+def _outer_sq(x: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``sum_{s,b} w[s,b] * (sum_l g[s,b,l,:,:, None] * x[b,l,:,None,:])^2``: ``x [B, L, Gr, I]``,
+    ``g [S, B, L, Gr, O]``, ``w [S, B]`` -> ``[Gr, O, I]`` (``Gr`` groups of a grouped convolution)."""
+    num_slots, batch, length, groups, out_f = g.shape
+    in_f = x.shape[-1]
+    result = x.new_zeros(groups, out_f, in_f)
+    if length == 1:
+        a = torch.einsum("sbgo,sb->bgo", g[:, :, 0].square(), w)
+        return torch.einsum("bgo,bgi->goi", a, x[:, 0].square())
+    pairs = length * (length + 1) // 2
+    if pairs <= num_slots * (length + _MATERIALIZE_PASSES):
+        # sum_s w G^2 = sum_{l, m} M[o, l, m] x[l, i] x[m, i] with the Gram matrix M[o] = sum_s w_s g_s[:, o] g_s[:, o]^T
+        li, lj = torch.triu_indices(length, length, device=x.device)
+        factor = torch.where(li == lj, 1.0, 2.0).to(x.dtype)
+        step = max(1, BLOCK // max(1, pairs * groups * max(out_f, in_f)))
+        for b0 in range(0, batch, step):
+            xs = x[b0 : b0 + step]
+            gw = g[:, b0 : b0 + step] * w[:, b0 : b0 + step, None, None, None].sqrt()
+            n = xs.shape[0]
+            cols = gw.permute(1, 3, 4, 2, 0).reshape(n * groups * out_f, length, num_slots)
+            gram = torch.bmm(cols, cols.transpose(1, 2))[:, li, lj].mul_(factor)  # [n * Gr * O, P]
+            gram = gram.reshape(n, groups, out_f, pairs).permute(1, 2, 0, 3).reshape(groups, out_f, n * pairs)
+            xx = (xs[:, li] * xs[:, lj]).permute(2, 0, 1, 3).reshape(groups, n * pairs, in_f)
+            result += torch.bmm(gram, xx)
+        return result
+    flat_g = g.reshape(num_slots * batch, length, groups, out_f)
+    flat_w = w.reshape(-1)
+    sample = torch.arange(batch, device=x.device).repeat(num_slots)
+    step = max(1, BLOCK // max(1, groups * out_f * in_f))
+    for n0 in range(0, num_slots * batch, step):
+        sl = slice(n0, n0 + step)
+        per_sample = torch.einsum("nlgo,nlgi->ngoi", flat_g[sl], x[sample[sl]])
+        result += torch.einsum("n,ngoi->goi", flat_w[sl], per_sample.square_())
+    return result
+
+
+def _diag_sq(g: torch.Tensor, w: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+    """``sum_{s,b} w[s,b] * (sum_l g[s,b,l,:] * x[b,l,:])^2`` (``x = 1`` if ``None``): ``g [S, B, L, C]`` -> ``[C]``."""
+    per_sample = g.sum(2) if x is None else torch.einsum("sblc,blc->sbc", g, x)
+    return torch.einsum("sbc,sb->c", per_sample.square(), w)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rules: (module, inputs of each call, output gradients of each call [S, B, ...], weights [S, B]) -> squares
+
+
+def _cat_calls(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
+
+
+def _linear(m: nn.Linear, inputs, grads, w):
+    x = _cat_calls([i.reshape(i.shape[0], -1, 1, i.shape[-1]) for i in inputs], 1)
+    g = _cat_calls([o.reshape(o.shape[0], o.shape[1], -1, 1, o.shape[-1]) for o in grads], 2)
+    out = {"weight": _outer_sq(x, g, w)[0]}
+    if m.bias is not None:
+        out["bias"] = _diag_sq(g[..., 0, :], w)
+    return out
+
+
+def _conv_supported(m: nn.Module) -> bool:
+    return m.padding_mode == "zeros" and not isinstance(m.padding, str)
+
+
+def _conv(m: nn.Conv1d | nn.Conv2d, inputs, grads, w):
+    two_d = isinstance(m, nn.Conv2d)
+
+    def pair(v):
+        return tuple(v) if two_d else (1, v[0])
+
+    groups, c_out = m.groups, m.out_channels
+    xs, gs = [], []
+    for i, o in zip(inputs, grads, strict=True):
+        i = i if two_d else i.unsqueeze(2)
+        pad = (m.padding[0], m.padding[1]) if two_d else (0, m.padding[0])
+        cols = F.unfold(i, pair(m.kernel_size), dilation=pair(m.dilation), padding=pad, stride=pair(m.stride))
+        xs.append(cols.transpose(1, 2).reshape(i.shape[0], cols.shape[-1], groups, -1))  # [B, L, Gr, I]
+        gs.append(o.reshape(o.shape[0], o.shape[1], groups, c_out // groups, -1).permute(0, 1, 4, 2, 3))
+    x, g = _cat_calls(xs, 1), _cat_calls(gs, 2)  # g: [S, B, L, Gr, O]
+    out = {"weight": _outer_sq(x, g, w).reshape(m.weight.shape)}
+    if m.bias is not None:
+        out["bias"] = _diag_sq(g.reshape(*g.shape[:3], c_out), w)
+    return out
+
+
+def _channels_last(t: torch.Tensor, batch_dims: int) -> torch.Tensor:
+    """``[*batch, C, *spatial]`` -> ``[*batch, L, C]`` (positions before channels)."""
+    t = t.reshape(*t.shape[: batch_dims + 1], -1)
+    return t.transpose(-1, -2)
+
+
+def _affine(m: nn.Module, x_hat: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Squares of the per-sample gradients of ``weight * x_hat + bias`` (``x_hat [B, L, C]``, ``g [S, B, L, C]``)."""
+    out = {}
+    if getattr(m, "weight", None) is not None:
+        out["weight"] = _diag_sq(g, w, x_hat)
+    if getattr(m, "bias", None) is not None:
+        out["bias"] = _diag_sq(g, w)
+    return out
+
+
+def _batch_norm_supported(m: nn.Module) -> bool:
+    # The Fisher runs in eval mode: with running statistics every sample is normalized on its own (batch
+    # statistics would mix the samples; HookedFisher.supported refuses such models).
+    return m.running_mean is not None and m.running_var is not None
+
+
+def _batch_norm(m: nn.modules.batchnorm._BatchNorm, inputs, grads, w):
+    x_hat = _cat_calls(
+        [
+            _channels_last((i - _bcast(m.running_mean, i)) * _bcast((m.running_var + m.eps).rsqrt(), i), 1)
+            for i in inputs
+        ],
+        1,
+    )
+    g = _cat_calls([_channels_last(o, 2) for o in grads], 2)
+    return _affine(m, x_hat, g, w)
+
+
+def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.reshape(1, -1, *([1] * (like.dim() - 2))).to(like.dtype)
+
+
+def _layer_norm(m: nn.LayerNorm, inputs, grads, w, channel_dim: int | None = None):
+    """``channel_dim=1``: timm's LayerNorm2d (normalizes the channels of NCHW tensors)."""
+    dims = tuple(range(-len(m.normalized_shape), 0))
+    xs, gs = [], []
+    for i, o in zip(inputs, grads, strict=True):
+        if channel_dim is not None:
+            i, o = i.movedim(channel_dim, -1), o.movedim(channel_dim + 1, -1)
+        mean = i.mean(dims, keepdim=True)
+        var = i.var(dims, keepdim=True, correction=0)
+        c = m.normalized_shape.numel() if hasattr(m.normalized_shape, "numel") else _numel(m.normalized_shape)
+        xs.append(((i - mean) * (var + m.eps).rsqrt()).reshape(i.shape[0], -1, c))
+        gs.append(o.reshape(o.shape[0], o.shape[1], -1, c))
+    out = _affine(m, _cat_calls(xs, 1), _cat_calls(gs, 2), w)
+    return {k: v.reshape(getattr(m, k).shape) for k, v in out.items()}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _group_norm(m: nn.GroupNorm, inputs, grads, w):
+    xs = []
+    for i in inputs:
+        grouped = i.reshape(i.shape[0], m.num_groups, -1)
+        mean = grouped.mean(-1, keepdim=True)
+        var = grouped.var(-1, keepdim=True, correction=0)
+        xs.append(_channels_last(((grouped - mean) * (var + m.eps).rsqrt()).reshape(i.shape), 1))
+    g = _cat_calls([_channels_last(o, 2) for o in grads], 2)
+    return _affine(m, _cat_calls(xs, 1), g, w)
+
+
+def _embedding_supported(m: nn.Embedding) -> bool:
+    return m.max_norm is None and not m.scale_grad_by_freq
+
+
+def _embedding(m: nn.Embedding, inputs, grads, w):
+    ids = _cat_calls([i.reshape(i.shape[0], -1) for i in inputs], 1)  # [B, T]
+    g = _cat_calls([o.reshape(o.shape[0], o.shape[1], -1, o.shape[-1]) for o in grads], 2)  # [S, B, T, D]
+    batch, length = ids.shape
+    sample = torch.arange(batch, device=ids.device).unsqueeze(1).expand(batch, length)
+    keys, inverse = torch.unique(sample * m.num_embeddings + ids, return_inverse=True)
+    rows, owner = keys % m.num_embeddings, keys // m.num_embeddings
+    out = torch.zeros_like(m.weight, dtype=g.dtype)
+    keep = rows != m.padding_idx if m.padding_idx is not None else torch.ones_like(rows, dtype=torch.bool)
+    for s in range(g.shape[0]):
+        per_row = g.new_zeros(keys.shape[0], g.shape[-1]).index_add_(
+            0, inverse.reshape(-1), g[s].reshape(-1, g.shape[-1])
+        )
+        contrib = per_row.square_() * w[s, owner].unsqueeze(1)
+        out.index_add_(0, rows[keep], contrib[keep])
+    return {"weight": out}
+
+
+Rule = Callable[..., dict[str, torch.Tensor]]
+
+
+def _rules() -> dict[type, tuple[Rule, Callable[[nn.Module], bool]]]:
+    always = lambda m: True  # noqa: E731
+    rules: dict[type, tuple[Rule, Callable[[nn.Module], bool]]] = {
+        nn.Linear: (_linear, always),
+        nn.Conv1d: (_conv, _conv_supported),
+        nn.Conv2d: (_conv, _conv_supported),
+        nn.BatchNorm1d: (_batch_norm, _batch_norm_supported),
+        nn.BatchNorm2d: (_batch_norm, _batch_norm_supported),
+        nn.BatchNorm3d: (_batch_norm, _batch_norm_supported),
+        nn.LayerNorm: (_layer_norm, always),
+        nn.GroupNorm: (_group_norm, always),
+        nn.Embedding: (_embedding, _embedding_supported),
+    }
+    try:  # timm's LayerNorm variants: the same formula (LayerNorm2d on the channels of NCHW tensors)
+        from timm.layers import norm as timm_norm
+    except ImportError:
+        return rules
+    rules[timm_norm.LayerNorm] = (_layer_norm, always)
+    rules[timm_norm.LayerNorm2d] = (lambda m, i, g, w: _layer_norm(m, i, g, w, channel_dim=1), always)
+    return rules
+
+
+RULES = _rules()
+
+
+def rule_for(module: nn.Module) -> Rule | None:
+    """The rule for ``module`` (exact type: a subclass may compute something else in its own ``forward``)."""
+    entry = RULES.get(type(module))
+    if entry is None or not entry[1](module):
+        return None
+    return entry[0]

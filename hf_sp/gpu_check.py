@@ -1,0 +1,441 @@
+"""The GPU check: what the CPU benchmark cannot show, in one command of a few minutes on one GPU.
+
+1. **Step time** of :class:`hf_sp.SPTrainer` (``l2_sp``) against ``transformers.Trainer`` for resnet50 and
+   vit_small at batch 64, 224 px, in bf16 and in fp16 (GradScaler), both with the fused AdamW (the GPU
+   default); runs alternate SP / baseline, CUDA-synchronized per-step times, medians after warm-up.
+2. **The penalty alone**: SP's step hook (``optimizer.step()`` of an optimizer whose own update does nothing)
+   against the per-tensor autograd loop and the memory-traffic floor (16 bytes per anchored fp32 entry at the
+   measured device bandwidth).
+3. **Sharded engines at world size 1**: FSDP2 and DeepSpeed ZeRO-3 each train a small transformers ViT with
+   ``l2_sp`` in one process (their sharded code paths run with one rank), each in its own subprocess; a run
+   resumed from its mid-run checkpoint must end where the uninterrupted run ends, and the saved model must
+   load in plain ``transformers`` (``AutoModelForImageClassification``) with the trained weights.
+
+``--dry-run`` runs every section on the CPU with tiny models (the sharded engines are then reported as skipped
+and a plain single-process run checks resume and loading): the suite tests it. Writes ``gpu_check.json`` and
+``gpu_check.md``; nothing here asserts on a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._machine import machine_info
+
+__all__ = ["main", "run_check"]
+
+ENGINES = ("fsdp2", "deepspeed_zero3")
+
+
+def _log(message: str) -> None:
+    print(f"[gpu_check {datetime.now().strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _plan(dry_run: bool) -> dict[str, Any]:
+    if dry_run:
+        return {
+            "models": ["test_resnet", "test_vit"],
+            "precisions": ["no"],
+            "image_size": 32,
+            "batch_size": 4,
+            "warmup": 1,
+            "steps": 2,
+            "repeats": 1,
+            "optim": "adamw_torch",
+            "penalty_iters": 3,
+        }
+    return {
+        "models": ["resnet50", "vit_small_patch16_224"],
+        "precisions": ["bf16", "fp16"],
+        "image_size": 224,
+        "batch_size": 64,
+        "warmup": 5,
+        "steps": 20,
+        "repeats": 2,
+        "optim": "adamw_torch_fused",
+        "penalty_iters": 50,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. Step time
+def _train_steps(model_name: str, sp: bool, precision: str, plan: dict[str, Any], device: torch.device) -> dict:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from hf_sp import SPConfig, SPTrainer, wrap_timm_model
+
+    from .benchmark import SyntheticImages, create_model
+
+    class Timer(TrainerCallback):
+        def __init__(self) -> None:
+            self.steps: list[float] = []
+            self._t0 = 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            _sync(device)
+            self._t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            _sync(device)
+            self.steps.append(time.perf_counter() - self._t0)
+
+    total = plan["warmup"] + plan["steps"]
+    model = wrap_timm_model(create_model(model_name, 10, plan["image_size"], 0))
+    data = SyntheticImages(plan["batch_size"] * total, plan["image_size"], 10)
+    with tempfile.TemporaryDirectory() as tmp:
+        common = {
+            "output_dir": tmp,
+            "per_device_train_batch_size": plan["batch_size"],
+            "max_steps": total,
+            "learning_rate": 1e-4,
+            "optim": plan["optim"],
+            "bf16": precision == "bf16",
+            "fp16": precision == "fp16",
+            "report_to": [],
+            "save_strategy": "no",
+            "logging_steps": 10,
+            "disable_tqdm": True,
+            "use_cpu": device.type == "cpu",
+            "dataloader_num_workers": 0,
+        }
+        args = SPConfig(**common, sp_penalty="l2_sp") if sp else TrainingArguments(**common)
+        timer = Timer()
+        (SPTrainer if sp else Trainer)(model=model, args=args, train_dataset=data, callbacks=[timer]).train()
+    return {"steps_s": timer.steps, "median_s": statistics.median(timer.steps[plan["warmup"] :])}
+
+
+def step_times(plan: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for model in plan["models"]:
+        for precision in plan["precisions"]:
+            runs: dict[str, list[float]] = {"sp": [], "baseline": []}
+            for _ in range(plan["repeats"]):
+                for mode in ("sp", "baseline"):
+                    runs[mode].append(_train_steps(model, mode == "sp", precision, plan, device)["median_s"])
+            sp, base = statistics.median(runs["sp"]), statistics.median(runs["baseline"])
+            key = f"{model}/{precision}"
+            out[key] = {"sp_s": sp, "baseline_s": base, "overhead_pct": 100 * (sp / base - 1), "runs": runs}
+            _log(f"step {key}: SP {sp * 1e3:.1f} ms, Trainer {base * 1e3:.1f} ms ({out[key]['overhead_pct']:+.2f}%)")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. The penalty alone
+def _time(fn, device: torch.device, iters: int) -> float:
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _bandwidth(device: torch.device, iters: int) -> float:
+    """Bytes per second of ``torch.add(a, b, out=c)`` on fp32 tensors far larger than the caches."""
+    numel = (1 << 28) if device.type == "cuda" else (1 << 22)
+    a, b, c = (torch.rand(numel, device=device) for _ in range(3))
+    return 12 * numel / _time(lambda: torch.add(a, b, out=c), device, iters)
+
+
+def penalty_times(plan: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    from hf_sp import split_parameters, wrap_timm_model
+    from hf_sp.regularizer import ANCHOR_KEY, SPRegularizer
+
+    from .benchmark import FLOOR_BYTES_PER_ENTRY, NullOptimizer, create_model
+
+    bandwidth = _bandwidth(device, plan["penalty_iters"])
+    out: dict[str, Any] = {"bandwidth_GB_per_s": bandwidth / 1e9}
+    for name in plan["models"]:
+        model = wrap_timm_model(create_model(name, 10, plan["image_size"], 0)).to(device)
+        split = split_parameters(model)
+        anchored = [model.get_parameter(n) for n in split.anchored]
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        optimizer = NullOptimizer(model.parameters())
+        reg = SPRegularizer("l2_sp", alpha=0.1, beta=0.01, split=split)
+        reg.prepare_optimizer(optimizer, model.named_parameters())
+        reg.capture_allowed = True
+        optimizer.step()
+        with torch.no_grad():
+            for p in anchored:
+                p.add_(torch.randn_like(p), alpha=0.01)
+        anchors = [optimizer.state[p][ANCHOR_KEY] for p in anchored]
+
+        def loop(anchored=anchored, anchors=anchors) -> None:
+            sum(0.5 * torch.norm(p - p0) ** 2 for p, p0 in zip(anchored, anchors, strict=True)).backward()
+
+        hook_s = _time(optimizer.step, device, plan["penalty_iters"])
+        loop_s = _time(loop, device, plan["penalty_iters"])
+        reg.pop_metrics()
+        entries = sum(p.numel() for p in anchored)
+        floor_s = FLOOR_BYTES_PER_ENTRY * entries / bandwidth
+        out[name] = {
+            "anchored_numel": entries,
+            "step_hook_s": hook_s,
+            "autograd_loop_s": loop_s,
+            "floor_s": floor_s,
+            "step_hook_x_floor": hook_s / floor_s,
+            "speedup_vs_loop": loop_s / hook_s,
+        }
+        _log(
+            f"penalty {name}: step hook {hook_s * 1e3:.2f} ms ({hook_s / floor_s:.2f}x floor), loop "
+            f"{loop_s * 1e3:.2f} ms ({loop_s / hook_s:.2f}x slower)"
+        )
+        del model, optimizer, reg, anchored, anchors
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Sharded engines, one process each
+def _engine_args(engine: str, precision: str) -> dict[str, Any]:
+    if engine == "fsdp2":
+        return {
+            "fsdp": "full_shard",
+            "fsdp_config": {
+                "fsdp_version": 2,
+                "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                "transformer_layer_cls_to_wrap": ["ViTLayer"],
+                "state_dict_type": "FULL_STATE_DICT",
+            },
+        }
+    if engine == "deepspeed_zero3":
+        return {
+            "deepspeed": {
+                "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
+                "bf16": {"enabled": precision == "bf16"},
+                "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": "auto",
+                "train_batch_size": "auto",
+            }
+        }
+    return {}
+
+
+def _sharded_child(engine: str, out_dir: str, device_type: str) -> dict[str, Any]:
+    """Uninterrupted run, resumed run and plain-transformers load for ``engine`` (world size 1)."""
+    if engine in ENGINES:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification
+
+    from hf_sp import SPConfig, SPTrainer
+
+    from .benchmark import SyntheticImages
+
+    def model() -> ViTForImageClassification:
+        torch.manual_seed(0)
+        config = ViTConfig(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            image_size=32,
+            patch_size=8,
+            num_labels=10,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+        return ViTForImageClassification(config)
+
+    precision = "bf16" if device_type == "cuda" else "no"
+    root = Path(out_dir)
+
+    def args(name: str) -> SPConfig:
+        return SPConfig(
+            output_dir=str(root / name),
+            per_device_train_batch_size=8,
+            max_steps=6,
+            save_strategy="steps",
+            save_steps=3,
+            logging_steps=2,
+            learning_rate=1e-3,
+            optim="adamw_torch",
+            sp_penalty="l2_sp",
+            sp_alpha=0.1,
+            bf16=precision == "bf16",
+            report_to=[],
+            disable_tqdm=True,
+            use_cpu=device_type == "cpu",
+            **_engine_args(engine, precision),
+        )
+
+    data = SyntheticImages(48, 32, 10)
+    full = SPTrainer(model=model(), args=args("full"), train_dataset=data)
+    full.train()
+    full.save_model(str(root / "full" / "final"))
+    again = SPTrainer(model=model(), args=args("resumed"), train_dataset=data)
+    again.train(resume_from_checkpoint=str(root / "full" / "checkpoint-3"))
+    again.save_model(str(root / "resumed" / "final"))
+    a = AutoModelForImageClassification.from_pretrained(str(root / "full" / "final"))
+    b = AutoModelForImageClassification.from_pretrained(str(root / "resumed" / "final"))
+    start = model().state_dict()
+    sa, sb = a.state_dict(), b.state_dict()
+    diff = max(float((sa[k].float() - sb[k].float()).abs().max()) for k in sa)
+    moved = max(float((sa[k].float() - start[k].float()).abs().max()) for k in sa)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        logits = a(pixel_values=x).logits
+    return {
+        "status": "ok",
+        "precision": precision,
+        "resume_max_abs_diff": diff,
+        "resume_equal": diff <= 1e-6 if precision == "no" else diff <= 1e-2,
+        "trained_max_abs_change": moved,
+        "loads_in_transformers": type(a).__name__ == "ViTForImageClassification" and moved > 0,
+        "logits_finite": bool(torch.isfinite(logits).all()),
+        "sp_metrics_logged": any("sp_dist" in h for h in full.state.log_history),
+    }
+
+
+def sharded(device: torch.device) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    engines = list(ENGINES) if device.type == "cuda" else []
+    if device.type != "cuda":
+        out.update({e: {"status": "skipped: needs a CUDA device"} for e in ENGINES})
+        engines = ["single_process"]
+    for engine in engines:
+        if engine == "deepspeed_zero3":
+            try:
+                import deepspeed  # noqa: F401
+            except ImportError:
+                out[engine] = {"status": "skipped: deepspeed is not installed"}
+                continue
+        with tempfile.TemporaryDirectory(prefix=f"hf_sp_{engine}_") as tmp:
+            result_path = Path(tmp) / "result.json"
+            cmd = [sys.executable, "-m", "hf_sp.gpu_check", "--sharded-child", engine, tmp, device.type]
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=300)
+            if proc.returncode == 0 and result_path.is_file():
+                out[engine] = json.loads(result_path.read_text())
+            else:
+                out[engine] = {
+                    "status": f"failed ({proc.returncode})",
+                    "log_tail": (proc.stdout + proc.stderr)[-3000:],
+                }
+            out[engine]["seconds"] = time.perf_counter() - t0
+        _log(f"sharded {engine}: {out[engine]['status']}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+def render_markdown(result: dict[str, Any]) -> str:
+    meta = result["meta"]
+    lines = [
+        "# hf_sp GPU check",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        f"Device: {meta['device']}; torch {meta['machine']['torch']}, transformers {meta['machine']['transformers']}. "
+        f"{meta['duration_s'] / 60:.1f} min.",
+        "",
+    ]
+    if meta["dry_run"]:
+        lines += ["**Dry run on the CPU with tiny models: the numbers only show that every section runs.**", ""]
+    lines += [
+        "## 1. Step time: SPTrainer (l2_sp) vs Trainer",
+        "",
+        "| model / precision | Trainer | SPTrainer | overhead |",
+    ]
+    lines += ["|---|---:|---:|---:|"]
+    for key, r in result["step_time"].items():
+        lines.append(
+            f"| {key} | {r['baseline_s'] * 1e3:.1f} ms | {r['sp_s'] * 1e3:.1f} ms | {r['overhead_pct']:+.2f}% |"
+        )
+    pen = result["penalty"]
+    lines += [
+        "",
+        f"## 2. The penalty alone (bandwidth {pen['bandwidth_GB_per_s']:.0f} GB/s)",
+        "",
+        "| model | anchored entries | step hook | x floor | autograd loop | speed-up |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in pen.items():
+        if isinstance(r, dict):
+            lines.append(
+                f"| {name} | {r['anchored_numel'] / 1e6:.1f} M | {r['step_hook_s'] * 1e3:.2f} ms "
+                f"| {r['step_hook_x_floor']:.2f}x | {r['autograd_loop_s'] * 1e3:.2f} ms | {r['speedup_vs_loop']:.2f}x |"
+            )
+    lines += ["", "## 3. Sharded engines at world size 1 (l2_sp)", "", "| engine | status | resume == uninterrupted "]
+    lines[-1] += "(max abs diff) | loads in transformers |"
+    lines += ["|---|---|---|---|"]
+    for engine, r in result["sharded"].items():
+        if r.get("status") == "ok":
+            lines.append(
+                f"| {engine} | ok | {r['resume_equal']} ({r['resume_max_abs_diff']:.1e}) | {r['loads_in_transformers']} |"
+            )
+        else:
+            lines.append(f"| {engine} | {r['status']} | - | - |")
+    return "\n".join(lines) + "\n"
+
+
+def run_check(out_dir: str | os.PathLike, dry_run: bool, command: str) -> dict[str, Any]:
+    """Run the three sections, write ``gpu_check.json`` and ``gpu_check.md`` in ``out_dir``."""
+    if not dry_run and not torch.cuda.is_available():
+        raise SystemExit("No CUDA device: run with --dry-run to check the script on the CPU.")
+    device = torch.device("cuda" if not dry_run else "cpu")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    plan = _plan(dry_run)
+    t0 = time.perf_counter()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    result: dict[str, Any] = {
+        "meta": {
+            "command": command,
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine_info(),
+            "device": name,
+            "dry_run": dry_run,
+        },
+        "plan": plan,
+    }
+    result["step_time"] = step_times(plan, device)
+    result["penalty"] = penalty_times(plan, device)
+    result["sharded"] = sharded(device)
+    result["meta"]["duration_s"] = time.perf_counter() - t0
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_check.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "gpu_check.md").write_text(render_markdown(result))
+    _log(f"done in {result['meta']['duration_s'] / 60:.1f} min: {out / 'gpu_check.md'}")
+    return result
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "scripts/gpu_check.py") -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="results/gpu_check", help="folder for gpu_check.json / gpu_check.md")
+    parser.add_argument("--dry-run", action="store_true", help="every section on the CPU with tiny models")
+    args = parser.parse_args(argv)
+    return run_check(args.out, args.dry_run, " ".join(["python", prog, *map(shlex.quote, argv)]))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--sharded-child":
+        engine, out_dir, device_type = sys.argv[2:5]
+        Path(out_dir, "result.json").write_text(json.dumps(_sharded_child(engine, out_dir, device_type)))
+    else:
+        main(prog="-m hf_sp.gpu_check")
