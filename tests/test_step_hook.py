@@ -202,8 +202,9 @@ TIMING = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
     ids=["hf_vit", "hf_vit_decoupled", "timm_resnet_bn"],
 )
 def test_an_active_penalty_at_zero_strength_is_plain_trainer_bit_for_bit(tmp_path, make_model, mode):
-    """Trainer's defaults (AdamW, clipping, warmup): weights and logs equal Trainer's, apart from the sp_* entries."""
+    """AdamW, clipping, warmup: weights and logs equal Trainer's, apart from the sp_* entries."""
     common = dict(
+        optim="adamw_torch",  # named: with a penalty, SPConfig's own default is the paper's SGD
         report_to=[],
         use_cpu=True,
         disable_tqdm=True,
