@@ -25,7 +25,7 @@ test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check hf_sp tests scripts
+	$(BIN)/ruff check hf_sp hf_sp_research tests scripts
 
 install: $(DEV_STAMP)
 

@@ -89,6 +89,18 @@ def tiny_timm_cnn(seed: int = 0, num_classes: int = NUM_CLASSES) -> torch.nn.Mod
     return timm.create_model("test_resnet", pretrained=False, num_classes=num_classes)
 
 
+#: Every transfer method at once (with L2-SP): the composition tests' recipe.
+ALL_METHODS = dict(
+    sp_head_init="probe",
+    sp_batchnorm="frozen",
+    sp_body_lr_scale=0.5,
+    sp_layer_decay=0.5,
+    sp_interpolation_grid=[0.0, 0.5, 1.0],
+    sp_penalty="l2_sp",
+    sp_alpha=0.5,
+)
+
+
 def make_args(tmp_path, **kwargs) -> SPConfig:
     """Deterministic full-batch SGD without clipping: runs that a hand-written loop can reproduce exactly."""
     defaults = dict(

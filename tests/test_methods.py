@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import NUM_CLASSES, RandomImages, make_args, tiny_timm_cnn, tiny_timm_vit, tiny_vit
+from conftest import ALL_METHODS, NUM_CLASSES, RandomImages, make_args, tiny_timm_cnn, tiny_timm_vit, tiny_vit
 from torch import nn
 from transformers import AutoModelForImageClassification, ResNetConfig, ResNetForImageClassification, TrainerCallback
 
@@ -344,15 +344,7 @@ def test_the_start_lives_in_the_optimizer_state_once(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ composition
-RECIPE = dict(
-    sp_head_init="probe",
-    sp_batchnorm="frozen",
-    sp_body_lr_scale=0.5,
-    sp_layer_decay=0.5,
-    sp_interpolation_grid=[0.0, 0.5, 1.0],
-    sp_penalty="l2_sp",
-    sp_alpha=0.5,
-)
+RECIPE = ALL_METHODS
 
 
 def test_resume_with_every_method_ends_equal_to_an_uninterrupted_run(tmp_path):

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import RandomImages, make_args, tiny_timm_cnn, tiny_timm_vit  # noqa: E402
+from conftest import ALL_METHODS, RandomImages, make_args, tiny_timm_cnn, tiny_timm_vit  # noqa: E402
 
 from hf_sp import SPTrainer  # noqa: E402
 
@@ -26,13 +26,6 @@ def main() -> None:
     out, batch = Path(sys.argv[1]), int(sys.argv[2])
     penalty = sys.argv[3] if len(sys.argv) > 3 else "l2_sp"
     recipe = penalty == "recipe"
-    methods = dict(
-        sp_head_init="probe",
-        sp_batchnorm="frozen",
-        sp_body_lr_scale=0.5,
-        sp_layer_decay=0.5,
-        sp_interpolation_grid=[0.0, 0.5, 1.0],
-    )
     args = make_args(
         out.parent,
         output_dir=str(out),
@@ -41,10 +34,7 @@ def main() -> None:
         max_steps=4,
         # gloo: the CPU process group (transformers does not pick it by itself on CPU)
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
-        sp_penalty="l2_sp" if recipe else penalty,
-        sp_alpha=0.5,
-        sp_beta=0.3,
-        **(methods if recipe else {}),
+        **{"sp_penalty": penalty, "sp_alpha": 0.5, **(ALL_METHODS if recipe else {}), "sp_beta": 0.3},
     )
     # float64, so that all-reduce rounding does not swamp the comparison where group lasso is non-smooth
     model = (tiny_timm_cnn() if recipe else tiny_timm_vit()).double()
