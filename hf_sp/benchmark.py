@@ -166,6 +166,15 @@ def create_model(name: str, num_classes: int, image_size: int, seed: int) -> nn.
     return timm.create_model(name, pretrained=False, num_classes=num_classes, **_model_kwargs(name, image_size))
 
 
+def create_wrapped_model(name: str, num_classes: int, image_size: int, seed: int) -> nn.Module:
+    """:func:`create_model` wrapped for Trainer, with the architecture arguments that rebuild it."""
+    from hf_sp import wrap_timm_model
+
+    return wrap_timm_model(
+        create_model(name, num_classes, image_size, seed), model_args=_model_kwargs(name, image_size)
+    )
+
+
 class SyntheticImages(torch.utils.data.Dataset):
     """``length`` samples cycling over a fixed pool of random images, with fixed labels (same for every run)."""
 
@@ -190,16 +199,13 @@ def _train_child(spec: dict[str, Any]) -> dict[str, Any]:
     import transformers
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from hf_sp import SPConfig, SPTrainer, split_parameters, wrap_timm_model
+    from hf_sp import SPConfig, SPTrainer, split_parameters
     from hf_sp.regularizer import ANCHOR_KEY
 
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(spec["threads"])
     sp = spec["mode"] == "sp"
-    model = wrap_timm_model(
-        create_model(spec["model"], spec["num_classes"], spec["image_size"], spec["seed"]),
-        model_args=_model_kwargs(spec["model"], spec["image_size"]),
-    )
+    model = create_wrapped_model(spec["model"], spec["num_classes"], spec["image_size"], spec["seed"])
     split = split_parameters(model)
     params = dict(model.named_parameters())
     anchored_numel = sum(params[n].numel() for n in split.anchored)
@@ -584,12 +590,10 @@ def _timeit(fn: Callable[[], Any]) -> float:
 
 
 def _penalty_for_model(name: str, cfg: BenchmarkConfig) -> dict[str, Any]:
-    from hf_sp import get_penalty, split_parameters, wrap_timm_model
+    from hf_sp import get_penalty, split_parameters
     from hf_sp.regularizer import ANCHOR_KEY, SPRegularizer
 
-    model = wrap_timm_model(
-        create_model(name, cfg.num_classes, cfg.image_size, cfg.seed), model_args=_model_kwargs(name, cfg.image_size)
-    )
+    model = create_wrapped_model(name, cfg.num_classes, cfg.image_size, cfg.seed)
     split = split_parameters(model)
     named = dict(model.named_parameters())
     anchored = [named[n] for n in split.anchored]

@@ -82,9 +82,9 @@ def _plan(dry_run: bool) -> dict[str, Any]:
 def _train_steps(model_name: str, sp: bool, precision: str, plan: dict[str, Any], device: torch.device) -> dict:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from hf_sp import SPConfig, SPTrainer, wrap_timm_model
+    from hf_sp import SPConfig, SPTrainer
 
-    from .benchmark import SyntheticImages, create_model
+    from .benchmark import SyntheticImages, create_wrapped_model
 
     class Timer(TrainerCallback):
         def __init__(self) -> None:
@@ -100,7 +100,7 @@ def _train_steps(model_name: str, sp: bool, precision: str, plan: dict[str, Any]
             self.steps.append(time.perf_counter() - self._t0)
 
     total = plan["warmup"] + plan["steps"]
-    model = wrap_timm_model(create_model(model_name, 10, plan["image_size"], 0))
+    model = create_wrapped_model(model_name, 10, plan["image_size"], 0)
     data = SyntheticImages(plan["batch_size"] * total, plan["image_size"], 10)
     with tempfile.TemporaryDirectory() as tmp:
         common = {
@@ -161,15 +161,15 @@ def _bandwidth(device: torch.device, iters: int) -> float:
 
 
 def penalty_times(plan: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    from hf_sp import split_parameters, wrap_timm_model
+    from hf_sp import split_parameters
     from hf_sp.regularizer import ANCHOR_KEY, SPRegularizer
 
-    from .benchmark import FLOOR_BYTES_PER_ENTRY, NullOptimizer, create_model
+    from .benchmark import FLOOR_BYTES_PER_ENTRY, NullOptimizer, create_wrapped_model
 
     bandwidth = _bandwidth(device, plan["penalty_iters"])
     out: dict[str, Any] = {"bandwidth_GB_per_s": bandwidth / 1e9}
     for name in plan["models"]:
-        model = wrap_timm_model(create_model(name, 10, plan["image_size"], 0)).to(device)
+        model = create_wrapped_model(name, 10, plan["image_size"], 0).to(device)
         split = split_parameters(model)
         anchored = [model.get_parameter(n) for n in split.anchored]
         for p in model.parameters():
