@@ -30,6 +30,11 @@ INCLUDE_CHOICES = ("kernels", "all")
 ROLES = ("anchored", "new", "free")
 
 
+def in_modules(name: str, modules: Iterable[str]) -> bool:
+    """Whether parameter ``name`` lies inside one of ``modules`` (module names)."""
+    return any(name == m or name.startswith(m + ".") for m in modules)
+
+
 def canonical_name(name: str) -> str:
     """Parameter name without the prefixes that wrappers add (``module.``, ``_fsdp_wrapped_module.``...)."""
     return _WRAPPER_SEGMENTS.sub("", name).removeprefix("module.")
@@ -216,7 +221,7 @@ def split_parameters(
             if not param.is_floating_point():
                 continue
             full = canonical_name(f"{module_name}.{param_name}" if module_name else param_name)
-            in_head = any(full == h or full.startswith(h + ".") for h in heads)
+            in_head = in_modules(full, heads)
             penalized = include == "all" or _is_kernel(module, param_name)
             first, head_so_far, penalized_so_far = seen.get(id(param), (full, True, False))
             seen[id(param)] = (first, head_so_far and in_head, penalized_so_far or penalized)

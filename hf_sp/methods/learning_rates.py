@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..selection import canonical_name
+from ..selection import canonical_name, in_modules
 from ._base import MethodContext, TransferMethod, register_method
 
 logger = logging.getLogger(__name__)
@@ -119,15 +119,11 @@ class RoleLearningRates(TransferMethod):
     def scales_for(self, model: nn.Module, head_modules: list[str]) -> dict[str, float]:
         """Learning-rate multiplier of every trainable parameter of ``model`` (by canonical name)."""
         names = [canonical_name(n) for n, p in model.named_parameters() if p.requires_grad]
-
-        def in_head(name: str) -> bool:
-            return any(name == h or name.startswith(h + ".") for h in head_modules)
-
-        body = [n for n in names if not in_head(n)]
+        body = [n for n in names if not in_modules(n, head_modules)]
         layers = body_layer_ids(model, body)
         top = max(layers.values(), default=0)
         decay = self.args.sp_layer_decay or 1.0
-        scales = {n: 1.0 for n in names if in_head(n)}
+        scales = {n: 1.0 for n in names if in_modules(n, head_modules)}
         scales.update({n: self.args.sp_body_lr_scale * decay ** (top - layers[n]) for n in body})
         return scales
 
@@ -145,7 +141,7 @@ class RoleLearningRates(TransferMethod):
         optimizer.param_groups = groups
         logger.info(
             "hf_sp: learning rates by role: head x1, body x%g (input side) to x%g (top), %d distinct rates.",
-            min(self.scales.values(), default=1.0),
+            min((s for n, s in self.scales.items() if not in_modules(n, ctx.split.head_modules)), default=1.0),
             self.args.sp_body_lr_scale,
             len(set(self.scales.values())),
         )

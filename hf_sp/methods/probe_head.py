@@ -222,10 +222,10 @@ class ProbeHead(TransferMethod):
             grid = args.sp_probe_c_grid = [float(grid)]
         if not grid or any(isinstance(c, bool) or not isinstance(c, (int, float)) or not c > 0 for c in grid):
             raise ValueError(f"sp_probe_c_grid must be a non-empty list of numbers > 0, got {grid!r}.")
-        for name in ("sp_probe_folds", "sp_probe_max_iter"):
+        for name, least in (("sp_probe_folds", 2), ("sp_probe_max_iter", 1)):
             value = getattr(args, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (2 if name == "sp_probe_folds" else 1):
-                raise ValueError(f"{name} must be an integer >= {2 if name == 'sp_probe_folds' else 1}, got {value!r}.")
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}.")
 
     def initialize(self, ctx: MethodContext) -> None:
         config = getattr(ctx.model, "config", None)
