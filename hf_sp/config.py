@@ -9,10 +9,14 @@ from transformers import TrainingArguments
 
 from .methods import (
     BatchNormArguments,
+    BSSArguments,
+    DeltaArguments,
     InterpolationArguments,
     LearningRateArguments,
     PenaltyArguments,
     ProbeHeadArguments,
+    ProjectionArguments,
+    SPDArguments,
     get_method_info,
     list_methods,
 )
@@ -31,6 +35,10 @@ _TRAINER_DEFAULTS = {
 class SPConfig(
     TrainingArguments,
     InterpolationArguments,
+    BSSArguments,
+    DeltaArguments,
+    ProjectionArguments,
+    SPDArguments,
     LearningRateArguments,
     BatchNormArguments,
     ProbeHeadArguments,

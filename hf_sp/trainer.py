@@ -92,6 +92,8 @@ class SPTrainer(Trainer):
     def _sp_attach(self, model: nn.Module) -> None:
         """Build the enabled methods from the arguments as they are now (a hyperparameter-search trial sets them
         after building its model) and attach them to ``model``."""
+        for method in self.sp_methods:
+            method.detach()
         self.sp_methods = build_methods(self.args)
         if not self.sp_methods:
             self._sp_context = None

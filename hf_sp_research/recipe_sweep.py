@@ -55,6 +55,7 @@ class RecipeSweepConfig:
     data_dir: str | None = None
     dataset_name: str | None = None
     classes: list[str] | None = None
+    exclude_classes: list[str] | None = None
     shots_per_class: str | dict[str, int] | None = None
     resplit: bool = False
     output_dir: str = "results/recipes"
@@ -108,6 +109,7 @@ class _Data:
             validation_dir=str(root / "val") if root else None,
             test_dir=str(root / "test") if root else None,
             classes=config.classes,
+            exclude_classes=config.exclude_classes,
             shots_per_class=config.shots_per_class,
             resplit=config.resplit,
         )
@@ -383,7 +385,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RecipeSweepConfig:
         values = yaml.safe_load(Path(args.config).read_text()) or {}
     values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
     if args.data_dir is not None:  # a local copy replaces the public source and its selection
-        for key in ("dataset_name", "classes", "shots_per_class", "resplit"):
+        for key in ("dataset_name", "classes", "exclude_classes", "shots_per_class", "resplit"):
             values.pop(key, None)
     return RecipeSweepConfig(**values)
 

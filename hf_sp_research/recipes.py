@@ -29,9 +29,9 @@ class Recipe:
 def _recipes() -> dict[str, Recipe]:
     paper = {"sp_head_init": "random", "sp_batchnorm": "train"}
     lp_ft = {"sp_head_init": "probe"}
+    l2 = {**paper, "sp_penalty": "l2", "sp_alpha": 1e-5}
     items = [
-        Recipe("l2", "L2 (fine-tuning, decay toward 0)", {**paper, "sp_penalty": "l2", "sp_alpha": 1e-5},
-               [{"learning_rate": 0.01}]),
+        Recipe("l2", "L2 (fine-tuning, decay toward 0)", l2, [{"learning_rate": 0.01}]),
         Recipe("l2_sp", "L2-SP", {**paper, "sp_penalty": "l2_sp", "sp_alpha": 1e-3}, [{"learning_rate": 0.01}]),
         Recipe("lp_ft_frozen_bn", "LP-FT, BatchNorm frozen", {**lp_ft, "sp_penalty": "none", "sp_batchnorm": "frozen"},
                [{"learning_rate": 1e-3}, {"learning_rate": 3e-3}]),
@@ -40,12 +40,21 @@ def _recipes() -> dict[str, Recipe]:
                [{"learning_rate": 3e-3, "sp_alpha": 0.01}, {"learning_rate": 3e-3, "sp_alpha": 0.1}]),
         Recipe("lp_ft", "LP-FT, BatchNorm in train mode", {**lp_ft, "sp_penalty": "none", "sp_batchnorm": "train"},
                [{"learning_rate": 1e-3}], seeds=False),
-        Recipe("l2_frozen_bn", "L2, BatchNorm frozen",
-               {**paper, "sp_penalty": "l2", "sp_alpha": 1e-5, "sp_batchnorm": "frozen"},
-               [{"learning_rate": 3e-3}], seeds=False),
+        Recipe("l2_frozen_bn", "L2, BatchNorm frozen", {**l2, "sp_batchnorm": "frozen"}, [{"learning_rate": 3e-3}],
+               seeds=False),
         Recipe("l2_sp_frozen_bn", "L2-SP, BatchNorm frozen",
                {**paper, "sp_penalty": "l2_sp", "sp_alpha": 1e-3, "sp_batchnorm": "frozen"},
                [{"learning_rate": 3e-3}], seeds=False),
+        # The paper's successors, each on top of the L2 recipe (so that "vs L2" is the method's own gain)
+        Recipe("spd", "L2 + SPD (selective projection decay)", {**l2, "sp_spd": 1.0}, [{"learning_rate": 0.01}]),
+        Recipe("projection", "L2 + projection to a fixed radius (l2 ball)",
+               {**l2, "sp_projection": "fixed", "sp_projection_norm": "l2"},
+               [{"learning_rate": 0.01, "sp_projection_radius": 0.01}]),
+        Recipe("ftp", "L2 + FTP (learned radii)", {**l2, "sp_projection": "ftp"}, [{"learning_rate": 0.01}]),
+        Recipe("delta", "L2 + DELTA (unweighted feature maps)", {**l2, "sp_delta_attention": "none"},
+               [{"learning_rate": 0.01, "sp_delta": 0.1}]),
+        Recipe("bss", "L2 + BSS (batch spectral shrinkage)", {**l2, "sp_bss_k": 1},
+               [{"learning_rate": 0.01, "sp_bss": 1e-3}]),
     ]
     return {r.name: r for r in items}
 

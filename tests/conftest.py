@@ -98,6 +98,9 @@ ALL_METHODS = dict(
     sp_interpolation_grid=[0.0, 0.5, 1.0],
     sp_penalty="l2_sp",
     sp_alpha=0.5,
+    sp_spd=1.0,
+    sp_projection="ftp",
+    sp_delta=0.1,
 )
 
 

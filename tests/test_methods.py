@@ -25,7 +25,7 @@ from hf_sp.methods import (
     register_method,
 )
 from hf_sp.methods import _base as methods_base
-from hf_sp.methods.interpolation import START_KEY
+from hf_sp.methods._starts import START_KEY
 from hf_sp.models import is_timm_model, wrap_timm_model
 from hf_sp.regularizer import ANCHOR_KEY
 
@@ -58,7 +58,9 @@ def train(model, tmp_path, data=None, eval_data=None, **kwargs):
 
 # ------------------------------------------------------------------------------------------------ registry, config
 def test_registry_lists_the_methods_in_phase_order():
-    assert list_methods() == ["probe_head", "batchnorm", "learning_rates", "penalty", "interpolation"]
+    assert list_methods() == [
+        "probe_head", "batchnorm", "learning_rates", "penalty", "spd", "projection", "delta", "bss", "interpolation"
+    ]
     with pytest.raises(ValueError, match="Unknown method 'nope'. Known methods: probe_head"):
         get_method_info("nope")
 
@@ -71,6 +73,11 @@ def test_each_field_enables_its_method(tmp_path):
         sp_batchnorm="frozen",
         sp_body_lr_scale=0.1,
         sp_interpolation_grid=[0.5, 1.0],
+        sp_penalty="l2_sp",
+        sp_spd=1.0,
+        sp_projection="ftp",
+        sp_delta=0.1,
+        sp_bss=0.01,
     )
     assert args.methods() == list_methods()
 
@@ -431,6 +438,9 @@ def test_model_card_records_the_recipe(tmp_path):
     assert "head initialisation (`sp_head_init`) | `probe`" in card
     assert "BatchNorm statistics (`sp_batchnorm`) | `frozen`" in card
     assert "layer-wise decay (`sp_layer_decay`) | 0.5" in card
+    assert "selective projection decay (`sp_spd`) | 1" in card
+    assert "projection (`sp_projection`) | `ftp`" in card
+    assert "DELTA attention (`sp_delta_attention`) | `loss_drop`" in card
     t = trainer.state.log_history[-1]["sp_interpolation_t"]
     assert f"t = {t:g} chosen on the validation split" in card
 

@@ -7,6 +7,7 @@ order and overrides no more of ``Trainer`` than they need:
 ``validate(args)``        class method, from ``SPConfig.__post_init__``: check the method's own fields
 ``attach(ctx)``           every run, fresh or resumed, before the optimizer exists: structural changes
                           (hooks, frozen tensors) that must hold for the whole run and survive resume
+``detach()``              before the trainer attaches a new set of methods: remove this one's hooks
 ``initialize(ctx)``       fresh runs only, before the first step: e.g. fit the new head on frozen features
 ``configure_optimizer``   once per optimizer: split its parameter groups, set per-group learning rates,
                           hook its step (penalties, projections); anchors live in the optimizer state
@@ -116,6 +117,9 @@ class TransferMethod:
     # --------------------------------------------------------------- phases
     def attach(self, ctx: MethodContext) -> None:
         """Every run, before the optimizer is built: changes to the model's structure or trainability."""
+
+    def detach(self) -> None:
+        """Remove what :meth:`attach` hooked into the model (the trainer is about to attach a new set of methods)."""
 
     def initialize(self, ctx: MethodContext) -> None:
         """Fresh runs only, before the first step (not on resume: the checkpoint holds the result)."""

@@ -17,10 +17,10 @@ make ``t = 0`` the source weights with target statistics, not the start). Under
 ``sp_batchnorm="frozen"`` they never changed, and stay. Integer buffers (batch counters) keep their
 fine-tuned value.
 
-``w_start`` of every trainable tensor is taken before the optimizer first steps it, and kept in the
-optimizer state (``sp_start``, or the penalty's ``sp_anchor`` where it has one), so it travels with
-every checkpoint (a tensor the optimizer never stepped is still at its start); the start's floating buffers are written beside each checkpoint
-(``sp_start_buffers.safetensors``).
+``w_start`` of every trainable tensor is kept in the optimizer state by :class:`~hf_sp.methods._starts.StartTracker`
+(``sp_start``, or the penalty's ``sp_anchor`` where it has one), so it travels with every checkpoint (a tensor
+the optimizer never stepped is still at its start); the start's floating buffers are written beside each
+checkpoint (``sp_start_buffers.safetensors``).
 """
 
 from __future__ import annotations
@@ -36,15 +36,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..regularizer import ANCHOR_KEY
 from ..selection import canonical_name
 from ._base import MethodContext, TransferMethod, register_method
+from ._starts import StartTracker
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Interpolation", "InterpolationArguments", "interpolate_"]
 
-START_KEY = "sp_start"
 BUFFERS_FILE = "sp_start_buffers.safetensors"
 
 
@@ -84,9 +83,6 @@ class Interpolation(TransferMethod):
 
     def __init__(self, args: Any) -> None:
         super().__init__(args)
-        self._pending: dict[torch.Tensor, torch.Tensor] = {}
-        self._unsettled: set[torch.Tensor] = set()
-        self._hooked: set[int] = set()
         self.start_buffers: dict[str, torch.Tensor] | None = None
         self.curve: dict[float, float] = {}
         self.t: float | None = None
@@ -123,38 +119,7 @@ class Interpolation(TransferMethod):
 
     # --------------------------------------------------------------- the start, in the optimizer state
     def configure_optimizer(self, ctx: MethodContext, optimizer: torch.optim.Optimizer) -> None:
-        self._unsettled = {p for g in optimizer.param_groups for p in g["params"]}
-        if id(optimizer) not in self._hooked:
-            optimizer.register_step_pre_hook(self._pre_step)
-            optimizer.register_step_post_hook(self._post_step)
-            self._hooked.add(id(optimizer))
-
-    @torch.no_grad()
-    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        # A tensor the optimizer has never stepped still holds its start: copy it now (the penalty's anchor, taken
-        # at the same step, serves instead where there is one).
-        for p in list(self._unsettled):
-            state = optimizer.state.get(p, {})
-            if START_KEY in state or ANCHOR_KEY in state:
-                self._unsettled.discard(p)
-            elif p not in self._pending:
-                self._pending[p] = p.detach().to(torch.promote_types(p.dtype, torch.float32), copy=True)
-
-    def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        # Stored once the tensor was stepped (it had a gradient): by then optimizers such as Adam have initialised its
-        # state, which they do only when it is empty. A tensor without gradient was not moved: its copy stays pending.
-        for p in list(self._pending):
-            state = optimizer.state[p] if p.grad is not None else optimizer.state.get(p, {})
-            if ANCHOR_KEY in state:
-                del self._pending[p]
-            elif p.grad is not None:
-                state[START_KEY] = self._pending.pop(p)
-                self._unsettled.discard(p)
-
-    def _start_of(self, optimizer: torch.optim.Optimizer, p: torch.Tensor) -> torch.Tensor:
-        state = optimizer.state.get(p, {})
-        start = state.get(ANCHOR_KEY, state.get(START_KEY, self._pending.get(p)))
-        return p.detach().clone() if start is None else start  # none: never stepped, still at its start
+        StartTracker.of(optimizer)  # its hooks keep the start of every tensor from the first step on
 
     # --------------------------------------------------------------- checkpoints
     def on_save(self, ctx: MethodContext, checkpoint: str) -> None:
@@ -170,20 +135,14 @@ class Interpolation(TransferMethod):
                 "started with, or start again from the pretrained model."
             )
         self.start_buffers = load_file(str(path), device=str(ctx.device or "cpu")) if path.is_file() else {}
-        stepped = [p for g in optimizer.param_groups for p in g["params"] if optimizer.state.get(p)]
-        if any(START_KEY not in optimizer.state[p] and ANCHOR_KEY not in optimizer.state[p] for p in stepped):
-            raise ValueError(
-                f"resume_from_checkpoint={checkpoint!r} has tensors trained without their start recorded: it was not "
-                "written with sp_interpolation_grid. Resume with the settings the run started with, or start again "
-                "from the pretrained model."
-            )
+        StartTracker.of(optimizer).check_recorded(checkpoint, "sp_interpolation_grid")
 
     # --------------------------------------------------------------- after the last step
     def on_train_end(self, ctx: MethodContext, optimizer: torch.optim.Optimizer | None) -> dict[str, float]:
         if optimizer is None:
             return {}
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        starts = [self._start_of(optimizer, p) for p in params]
+        starts = [StartTracker.of(optimizer).start(p) for p in params]
         buffers = _floating_buffers(ctx.model)
         buffer_names = [n for n in buffers if n in (self.start_buffers or {})]
         targets = params + [buffers[n] for n in buffer_names]
