@@ -26,6 +26,7 @@ method test matrix.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -41,6 +42,7 @@ __all__ = [
     "MethodInfo",
     "TransferMethod",
     "build_methods",
+    "check_nonnegative",
     "get_method_info",
     "list_methods",
     "register_method",
@@ -152,6 +154,15 @@ class TransferMethod:
     def card_text(self) -> str:
         """A sentence or two for the model card on what this method did."""
         return ""
+
+
+def check_nonnegative(name: str, value: Any, example: str = "") -> None:
+    """Raise ``ValueError`` naming the field unless ``value`` is a finite number ``>= 0`` (``None`` passes: unset)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        hint = f" ({example})" if example else ""
+        raise ValueError(f"{name} must be a finite number >= 0{hint}, got {value!r}.")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ..regularizer import ANCHOR_KEY, _unscale_grads
+from ..regularizer import _OWN_KEYS, ANCHOR_KEY, _unscale_grads
 from ..selection import ParamSplit, canonical_name
 
 __all__ = ["START_KEY", "StartTracker", "anchored_parameters", "step_skipped", "unscale_if_scaled"]
@@ -23,6 +23,15 @@ __all__ = ["START_KEY", "StartTracker", "anchored_parameters", "step_skipped", "
 START_KEY = "sp_start"
 
 _TRACKERS: weakref.WeakKeyDictionary[torch.optim.Optimizer, StartTracker] = weakref.WeakKeyDictionary()
+
+#: Optimizer-state keys of hf_sp's methods: kept in the precision they were saved in when a checkpoint is loaded
+#: (torch casts floating state to the parameter's dtype), and not taken for a sign that the optimizer stepped a tensor.
+HF_SP_STATE_KEYS: set[str] = {START_KEY, *_OWN_KEYS}
+
+
+def stepped(state: dict) -> bool:
+    """Whether the optimizer itself has stepped the tensor of this state (it holds more than hf_sp's own keys)."""
+    return bool(set(state) - HF_SP_STATE_KEYS)
 
 
 class StartTracker:
@@ -34,12 +43,40 @@ class StartTracker:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
-        self.optimizer = optimizer
+        self._optimizer = weakref.ref(optimizer)  # the registry's key: held weakly, so that it can be collected
         #: Copies taken before a tensor's first step, stored in its state once the optimizer has initialised it.
         self._pending: dict[torch.Tensor, torch.Tensor] = {}
         self._unsettled: set[torch.Tensor] = {p for g in optimizer.param_groups for p in g["params"]}
         optimizer.register_step_pre_hook(self._pre_step)
         optimizer.register_step_post_hook(self._post_step)
+        optimizer.register_load_state_dict_pre_hook(self._stash)
+        optimizer.register_load_state_dict_post_hook(self._restore)
+        self._stashed: dict[tuple[int, str], torch.Tensor] = {}
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        optimizer = self._optimizer()
+        if optimizer is None:  # pragma: no cover - the hooks die with the optimizer
+            raise RuntimeError("The optimizer of this StartTracker was deleted.")
+        return optimizer
+
+    def _stash(self, optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+        self._stashed = {
+            (index, key): value
+            for index, state in state_dict["state"].items()
+            for key, value in state.items()
+            if key in HF_SP_STATE_KEYS and isinstance(value, torch.Tensor)
+        }
+
+    def _restore(self, optimizer: torch.optim.Optimizer) -> None:
+        # torch.optim.Optimizer.load_state_dict casts floating state to each parameter's dtype (bf16 weights would get
+        # bf16 starts and FTP radii): put hf_sp's keys back as they were saved. Saved states are indexed in the order of
+        # the parameters in the groups.
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        for (index, key), value in self._stashed.items():
+            p = params[index]
+            optimizer.state[p][key] = value.to(device=p.device)
+        self._stashed = {}
 
     @classmethod
     def of(cls, optimizer: torch.optim.Optimizer) -> StartTracker:
@@ -83,7 +120,7 @@ class StartTracker:
         has no start in it, i.e. ``checkpoint`` was written without a method that records the starts."""
         state = self.optimizer.state
         if any(
-            state.get(p) and START_KEY not in state[p] and ANCHOR_KEY not in state[p]
+            stepped(state.get(p, {})) and START_KEY not in state[p] and ANCHOR_KEY not in state[p]
             for g in self.optimizer.param_groups
             for p in g["params"]
         ):

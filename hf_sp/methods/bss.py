@@ -15,14 +15,13 @@ sees); under gradient accumulation each micro-batch's term is divided by the num
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from ._base import MethodContext, TransferMethod, register_method
+from ._base import MethodContext, TransferMethod, check_nonnegative, register_method
 from .probe_head import head_linear
 
 __all__ = ["BSSArguments", "BatchSpectralShrinkage", "batch_spectral_shrinkage"]
@@ -73,8 +72,7 @@ class BatchSpectralShrinkage(TransferMethod):
         eta, k = args.sp_bss, args.sp_bss_k
         if eta is None:
             return
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
-            raise ValueError(f"sp_bss must be a finite number >= 0 (the strength eta, e.g. 1e-3), got {eta!r}.")
+        check_nonnegative("sp_bss", eta, "the strength eta, e.g. 1e-3")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"sp_bss_k must be an integer >= 1, got {k!r}.")
         if k > args.per_device_train_batch_size:

@@ -32,7 +32,12 @@ without a graph. The source copy and the attention are written beside each check
 
 Layers (``sp_delta_layers``): by default the feature stages of a timm model (``feature_info``, at most five:
 the last of each quarter beyond that), else the last block of each quarter of the model's longest
-``ModuleList`` (the encoder layers of a transformers ViT, ...).
+``ModuleList`` (the encoder layers of a transformers ViT, ...). The library's ResNet-50 example compares the
+outputs of chosen ``conv3`` layers (before BatchNorm and the residual sum) and ablates a channel by zeroing its
+filter; here a channel of the chosen module's output is zeroed, which is the same for a convolution without
+bias and extends to any module. Feature maps are read as ``B x C x ...`` (channels at dimension 1) and token
+sequences ``B x N x C``; a model whose 4-D maps are channels-last (Swin-style ``B x H x W x C``) needs layers
+whose outputs are not.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
-from ._base import MethodContext, TransferMethod, register_method
+from ._base import MethodContext, TransferMethod, check_nonnegative, register_method
 
 logger = logging.getLogger(__name__)
 
@@ -169,11 +174,9 @@ class FeatureMapDistance(TransferMethod):
 
     @classmethod
     def validate(cls, args: Any) -> None:
-        value = args.sp_delta
-        if value is None:
+        if args.sp_delta is None:
             return
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"sp_delta must be a finite number >= 0 (the strength, e.g. 0.01), got {value!r}.")
+        check_nonnegative("sp_delta", args.sp_delta, "the strength, e.g. 0.1")
         if isinstance(args.sp_delta_layers, str):
             args.sp_delta_layers = [n.strip() for n in args.sp_delta_layers.split(",") if n.strip()]
         if args.sp_delta_attention not in ATTENTIONS:

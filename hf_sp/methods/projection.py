@@ -43,8 +43,8 @@ from typing import Any
 
 import torch
 
-from ._base import MethodContext, TransferMethod, register_method
-from ._starts import StartTracker, anchored_parameters, step_skipped, unscale_if_scaled
+from ._base import MethodContext, TransferMethod, check_nonnegative, register_method
+from ._starts import HF_SP_STATE_KEYS, StartTracker, anchored_parameters, step_skipped, stepped, unscale_if_scaled
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ PROJECTIONS = ("fixed", "ftp")
 NORMS = ("l2", "mars")
 RADIUS_KEY = "sp_radius"
 GAMMA_KEY, M_KEY, V_KEY, DIRECTION_KEY, STEP_KEY = "sp_ftp_gamma", "sp_ftp_m", "sp_ftp_v", "sp_ftp_u", "sp_ftp_step"
+HF_SP_STATE_KEYS.update({RADIUS_KEY, GAMMA_KEY, M_KEY, V_KEY, DIRECTION_KEY})
 FTP_BETAS = (0.9, 0.999)
 FTP_EPS = 1e-8
 
@@ -114,8 +115,9 @@ def parse_radii(value: Any) -> list[tuple[str, float]]:
 
 
 def row_l1(d: torch.Tensor) -> torch.Tensor:
-    """``||d_r||_1`` of each output row (dimension 0), shaped to broadcast against ``d``; per entry for a vector."""
-    return d.abs().sum(dim=tuple(range(1, d.dim())), keepdim=True) if d.dim() > 1 else d.abs()
+    """``||d_r||_1`` of each output row (dimension 0), shaped to broadcast against ``d``; a vector is one row (as the
+    authors' ``_mars_norm``, whose sum over no dimension sums over all)."""
+    return d.abs().sum(dim=tuple(range(1, d.dim())), keepdim=True) if d.dim() > 1 else d.abs().sum(0, keepdim=True)
 
 
 @register_method(
@@ -151,10 +153,7 @@ class Projection(TransferMethod):
         if args.sp_projection_norm not in NORMS:
             raise ValueError(f"sp_projection_norm={args.sp_projection_norm!r} is not one of {NORMS}.")
         radius = args.sp_projection_radius
-        if radius is not None and (
-            isinstance(radius, bool) or not isinstance(radius, (int, float)) or not math.isfinite(radius) or radius < 0
-        ):
-            raise ValueError(f"sp_projection_radius must be a finite number >= 0, got {radius!r}.")
+        check_nonnegative("sp_projection_radius", radius, "relative to the norm of w0, e.g. 0.05")
         if args.sp_projection_radii is not None:
             parse_radii(args.sp_projection_radii)
         if args.sp_projection == "fixed" and radius is None and not args.sp_projection_radii:
@@ -262,8 +261,9 @@ class Projection(TransferMethod):
     def on_resume(self, ctx: MethodContext, optimizer: torch.optim.Optimizer, checkpoint: str) -> None:
         StartTracker.of(optimizer).check_recorded(checkpoint, "sp_projection")
         if self.args.sp_projection == "ftp":
-            stepped = [(n, p) for n, p in anchored_parameters(optimizer, ctx.model, ctx.split) if optimizer.state.get(p)]
-            missing = [n for n, p in stepped if GAMMA_KEY not in optimizer.state[p]]
+            trained = [(n, p) for n, p in anchored_parameters(optimizer, ctx.model, ctx.split)
+                       if stepped(optimizer.state.get(p, {}))]
+            missing = [n for n, p in trained if GAMMA_KEY not in optimizer.state[p]]
             if missing:
                 raise ValueError(
                     f"resume_from_checkpoint={checkpoint!r} has no FTP radius for {missing[0]!r}: it was not written "

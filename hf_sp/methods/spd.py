@@ -17,21 +17,21 @@ of inside Adam: ``c_t < 0`` where the descent direction ``-g_t`` points back tow
 layer has moved so far; the ratio then acts only if the optimizer's step (momentum, Adam's scaling) still
 took the layer further from ``w0``.
 
-The pull acts on the pretrained (anchored) tensors: ``sp_include`` chooses them ("all" covers norms and biases,
-as the authors' code does); the new head is free. ``w0`` is the start kept in the optimizer state (see
+The pull acts on the pretrained (anchored) tensors: ``sp_include`` chooses them ("all" covers norms and biases);
+the new head is free (the authors' example passes every trainable tensor, the head anchored at its
+initialisation). ``w0`` is the start kept in the optimizer state (see
 :mod:`hf_sp.methods._starts`).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ._base import MethodContext, TransferMethod, register_method
+from ._base import MethodContext, TransferMethod, check_nonnegative, register_method
 from ._starts import StartTracker, anchored_parameters, step_skipped
 
 logger = logging.getLogger(__name__)
@@ -78,11 +78,7 @@ class SelectiveProjectionDecay(TransferMethod):
 
     @classmethod
     def validate(cls, args: Any) -> None:
-        value = args.sp_spd
-        if value is None:
-            return
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"sp_spd must be a finite number >= 0 (the strength lambda, e.g. 1.0), got {value!r}.")
+        check_nonnegative("sp_spd", args.sp_spd, "the strength lambda, e.g. 1.0")
 
     def attach(self, ctx: MethodContext) -> None:
         if ctx.sharded:
