@@ -222,10 +222,10 @@ class Projection(TransferMethod):
             d = p.to(w0.dtype) - w0
             scale = self._ftp(optimizer.state[p], p.grad.to(w0.dtype), d) if ftp else self._fixed(optimizer.state[p], name, w0, d)
             projected = scale < 1
-            self._window[0] += int(projected.sum())
+            # counted on the device (read at log time); a row within its ball keeps its weights bit for bit
+            self._window[0] = self._window[0] + projected.sum()
             self._window[1] += projected.numel()
-            if bool(projected.any()):
-                p.copy_((w0 + scale * d).to(p.dtype))
+            p.copy_(torch.where(projected, (w0 + scale * d).to(p.dtype), p))
 
     def _fixed(self, state: dict, name: str, w0: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         mars = self.args.sp_projection_norm == "mars"
@@ -254,7 +254,7 @@ class Projection(TransferMethod):
             gamma = state[GAMMA_KEY] - self.args.sp_ftp_lr * m_hat / (v_hat.sqrt() + FTP_EPS)
             state[GAMMA_KEY] = gamma.clamp(FTP_EPS, norms.max())
         state[DIRECTION_KEY] = d / norms
-        self._window[2] += float(state[GAMMA_KEY])
+        self._window[2] = self._window[2] + state[GAMMA_KEY]
         self._window[3] += 1
         return (state[GAMMA_KEY] / norms).clamp(0.0, 1.0)
 
@@ -273,9 +273,9 @@ class Projection(TransferMethod):
     def metrics(self) -> dict[str, float]:
         projected, rows, gammas, steps = self._window
         self._window = [0, 0, 0.0, 0]
-        logs = {"sp_projected": projected / rows} if rows else {}
+        logs = {"sp_projected": float(projected) / rows} if rows else {}
         if steps:
-            logs["sp_ftp_gamma"] = gammas / steps
+            logs["sp_ftp_gamma"] = float(gammas) / steps
         return logs
 
     def card(self) -> list[tuple[str, str]]:

@@ -104,12 +104,18 @@ class SelectiveProjectionDecay(TransferMethod):
         if step_skipped(optimizer):
             return
         stepped = [p for p in self.params if p.grad is not None]
+        if not stepped:
+            return
+        conditions, norms = [], []
         for p in stepped:
             w0 = self.tracker.start(p)
             deviation = p.to(w0.dtype) - w0
             # c = -<g, w - w0>, in float64; the sign is that of the authors' code (a gradient scale changes nothing)
-            if -torch.vdot(p.grad.to(w0.dtype).flatten(), deviation.flatten()).double() < 0:
-                self._selected.append((p, deviation.double().norm()))
+            conditions.append(-torch.vdot(p.grad.to(w0.dtype).flatten(), deviation.flatten()).double())
+            norms.append(deviation.double().norm())
+        # one device-to-host transfer per step for the selection; the ratios stay on the device
+        selected = (torch.stack(conditions) < 0).tolist()
+        self._selected = [(p, n) for p, n, s in zip(stepped, norms, selected, strict=True) if s]
         self._window[0] += len(self._selected)
         self._window[1] += len(stepped)
 
@@ -120,10 +126,10 @@ class SelectiveProjectionDecay(TransferMethod):
             w0 = self.tracker.start(p)
             deviation = p.to(w0.dtype) - w0
             current = deviation.double().norm()
-            ratio = float(((current - previous) / current).clamp(0.0, 1.0)) if current > 0 else 0.0
-            self._window[2] += ratio
-            if ratio > 0.0 and strength > 0.0:
-                p.copy_((p.to(w0.dtype) - (strength * ratio) * deviation).to(p.dtype))
+            ratio = torch.where(current > 0, (current - previous) / current, torch.zeros_like(current)).clamp(0, 1)
+            self._window[2] = self._window[2] + ratio
+            # at ratio 0 this writes w back unchanged, bit for bit
+            p.copy_((p.to(w0.dtype) - (strength * ratio).to(w0.dtype) * deviation).to(p.dtype))
         self._selected = []
 
     def on_resume(self, ctx: MethodContext, optimizer: torch.optim.Optimizer, checkpoint: str) -> None:
@@ -134,7 +140,7 @@ class SelectiveProjectionDecay(TransferMethod):
         self._window = [0, 0, 0.0]
         if not stepped:
             return {}
-        return {"sp_spd_selected": selected / stepped, "sp_spd_ratio": ratios / selected if selected else 0.0}
+        return {"sp_spd_selected": selected / stepped, "sp_spd_ratio": float(ratios) / selected if selected else 0.0}
 
     def card(self) -> list[tuple[str, str]]:
         return [("selective projection decay (`sp_spd`)", f"{self.args.sp_spd:g}")]
