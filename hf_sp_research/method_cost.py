@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 from transformers import TrainerCallback
 
 from hf_sp import SPConfig, SPTrainer
+from hf_sp.benchmark import SyntheticImages
 from hf_sp.loading import load_model
 
 __all__ = ["CONFIGURATIONS", "MethodCostConfig", "markdown_report", "measure_method_costs"]
@@ -68,19 +69,6 @@ class MethodCostConfig:
             raise ValueError(f"steps ({self.steps}) must exceed warmup ({self.warmup}).")
 
 
-class _Images(Dataset):
-    def __init__(self, n: int, size: int, num_classes: int) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.randn(n, 3, size, size, generator=g)
-        self.y = torch.randint(0, num_classes, (n,), generator=g)
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"pixel_values": self.x[i], "labels": self.y[i]}
-
-
 class _StepTimer(TrainerCallback):
     def __init__(self) -> None:
         self.times: list[float] = []
@@ -110,7 +98,7 @@ def _one_run(cfg: MethodCostConfig, fields: dict[str, Any], data: Dataset, out: 
 
 def measure_method_costs(cfg: MethodCostConfig) -> dict[str, Any]:
     """Median step time of each configuration and its ratio to plain fine-tuning."""
-    data = _Images(cfg.batch_size * cfg.steps, cfg.image_size, cfg.num_classes)
+    data = SyntheticImages(cfg.batch_size * cfg.steps, cfg.image_size, cfg.num_classes)
     times: dict[str, list[float]] = {name: [] for name in cfg.configurations}
     with tempfile.TemporaryDirectory() as out:
         for _ in range(cfg.repeats):

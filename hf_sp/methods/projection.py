@@ -36,7 +36,6 @@ FTP authors recommend. ``w0`` is the start kept in the optimizer state (:mod:`hf
 from __future__ import annotations
 
 import fnmatch
-import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,8 +44,6 @@ import torch
 
 from ._base import MethodContext, TransferMethod, check_nonnegative, register_method
 from ._starts import HF_SP_STATE_KEYS, StartTracker, anchored_parameters, step_skipped, stepped, unscale_if_scaled
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["Projection", "ProjectionArguments"]
 

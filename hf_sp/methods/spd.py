@@ -25,7 +25,6 @@ initialisation). ``w0`` is the start kept in the optimizer state (see
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,8 +32,6 @@ import torch
 
 from ._base import MethodContext, TransferMethod, check_nonnegative, register_method
 from ._starts import StartTracker, anchored_parameters, step_skipped
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["SPDArguments", "SelectiveProjectionDecay"]
 
@@ -110,9 +107,9 @@ class SelectiveProjectionDecay(TransferMethod):
         for p in stepped:
             w0 = self.tracker.start(p)
             deviation = p.to(w0.dtype) - w0
-            # c = -<g, w - w0>, in float64; the sign is that of the authors' code (a gradient scale changes nothing)
+            # c = -<g, w - w0>: only its sign is used, that of the authors' code (a gradient scale changes nothing)
             conditions.append(-torch.vdot(p.grad.to(w0.dtype).flatten(), deviation.flatten()).double())
-            norms.append(deviation.double().norm())
+            norms.append(deviation.norm())  # in the start's precision (fp32 at least), as the authors' torch.norm
         # one device-to-host transfer per step for the selection; the ratios stay on the device
         selected = (torch.stack(conditions) < 0).tolist()
         self._selected = [(p, n) for p, n, s in zip(stepped, norms, selected, strict=True) if s]
@@ -125,11 +122,11 @@ class SelectiveProjectionDecay(TransferMethod):
         for p, previous in self._selected:
             w0 = self.tracker.start(p)
             deviation = p.to(w0.dtype) - w0
-            current = deviation.double().norm()
+            current = deviation.norm()
             ratio = torch.where(current > 0, (current - previous) / current, torch.zeros_like(current)).clamp(0, 1)
             self._window[2] = self._window[2] + ratio
             # at ratio 0 this writes w back unchanged, bit for bit
-            p.copy_((p.to(w0.dtype) - (strength * ratio).to(w0.dtype) * deviation).to(p.dtype))
+            p.copy_((p.to(w0.dtype) - (strength * ratio) * deviation).to(p.dtype))
         self._selected = []
 
     def on_resume(self, ctx: MethodContext, optimizer: torch.optim.Optimizer, checkpoint: str) -> None:
