@@ -324,6 +324,16 @@ def summary(metrics: dict[str, float], output_dir: str) -> str:
     return "\n".join(lines)
 
 
+def end_process_group() -> None:
+    """Destroy the default process group, if any, before the interpreter exits.
+
+    A process that exits with a live gloo/NCCL group can abort in its C++ teardown ("terminate called without an
+    active exception") while a peer is still writing, which turns a finished run into a failed launch.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -337,5 +347,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics = run(model_args, data_args, args)
     except (ValueError, PushError) as err:
         raise SystemExit(f"error: {err}") from None
+    finally:
+        end_process_group()
     if args.should_log:
         print(summary(metrics, args.output_dir))

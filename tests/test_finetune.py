@@ -82,6 +82,18 @@ def test_bad_input_exits_with_a_clear_message(tmp_path, capsys):
         main(["--train_dir", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "o")])
 
 
+def test_the_process_group_is_destroyed_before_exit_even_on_failure(tmp_path):
+    """A live gloo group at interpreter exit can abort a finished DDP run in its C++ teardown."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(SystemExit, match="is not a directory"):
+            main(["--train_dir", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "o")])
+        assert not torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
 # ------------------------------------------------------------------------------------------ data
 def test_local_imagefolder_and_validation_split(tmp_path):
     make_tree(tmp_path, {"train": ["a", "b"], "test": ["a", "b"]}, n=6)

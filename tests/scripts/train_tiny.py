@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import ALL_METHODS, RandomImages, make_args, tiny_timm_cnn, tiny_timm_vit  # noqa: E402
 
 from hf_sp import SPTrainer  # noqa: E402
+from hf_sp.finetune import end_process_group  # noqa: E402
 
 
 def main() -> None:
@@ -49,6 +50,7 @@ def main() -> None:
         logs = [h for h in logs if h]
         (out / "logs.json").write_text(json.dumps(logs))
         print("world size", trainer.args.world_size, "steps", trainer.state.global_step, torch.__version__)
+    end_process_group()
 
 
 if __name__ == "__main__":
