@@ -140,6 +140,33 @@ def blocks(*lists: Tensors) -> Iterator[tuple[Tensors, ...]]:
         yield tuple(block)
 
 
+def deviation_blocks(w: Tensors, w0: Tensors, *lists: Tensors) -> Iterator[tuple[Tensors, ...]]:
+    """``(w - w0, *lists)`` by the aligned blocks of :func:`blocks`.
+
+    On CPU the deviation of a block of one tensor (a slice of a large tensor, most of the entries) is written
+    into one buffer that every such block reuses: it stays in the caches and nothing is allocated per block.
+    A yielded deviation is valid until the next block is asked for.
+    """
+    scratch: torch.Tensor | None = None
+    for wb, w0b, *rest in blocks(w, w0, *lists):
+        if len(wb) == 1 and wb[0].device.type == "cpu" and wb[0].numel() <= CPU_BLOCK_NUMEL:
+            if scratch is None or scratch.dtype != wb[0].dtype:
+                scratch = torch.empty(CPU_BLOCK_NUMEL, dtype=wb[0].dtype)
+            d = [torch.sub(wb[0], w0b[0], out=scratch[: wb[0].numel()].view(wb[0].shape))]
+        else:
+            d = torch._foreach_sub(wb, w0b)
+        yield (d, *rest)
+
+
+def squares(tensors: Tensors) -> Tensors:
+    """``||t||^2`` of each tensor, as 0-dim tensors: a dot product where the tensor is contiguous (one fast
+    vectorised pass on CPU, where ``torch._foreach_norm`` is a slower reduction), else the squared norm."""
+    return [
+        torch.dot(t.view(-1), t.view(-1)) if t.is_contiguous() and t.dim() > 0 else torch.linalg.vector_norm(t).square()
+        for t in tensors
+    ]
+
+
 def sum_of_squares(tensors: Tensors) -> torch.Tensor:
     """``sum_t ||t||^2`` over a list of tensors, as one 0-dim tensor (no host sync)."""
     return torch.stack(torch._foreach_norm(tensors)).square().sum()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._registry import Penalty, blocks, register_penalty
+from ._registry import Penalty, deviation_blocks, register_penalty, squares
 
 
 @register_penalty(
@@ -21,10 +21,9 @@ class L1SP(Penalty):
 
     def accumulate(self, w, w0, fisher, out, scale):
         l1, l2 = [], []
-        for wb, w0b, ob in blocks(w, w0, out):  # w - w0 of a block is read back from the cache
-            d = torch._foreach_sub(wb, w0b)
+        for d, ob in deviation_blocks(w, w0, out):  # w - w0 of a block is read back from the cache
             l1 += torch._foreach_norm(d, ord=1)
-            l2 += torch._foreach_norm(d)
+            l2 += squares(d)
             torch._foreach_sign_(d)
             torch._foreach_add_(ob, d, alpha=scale)
-        return torch.stack(l1).sum(), torch.stack(l2).square().sum()
+        return torch.stack(l1).sum(), torch.stack(l2).sum()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._registry import Penalty, blocks, register_penalty
+from ._registry import Penalty, blocks, register_penalty, squares
 
 
 @register_penalty(
@@ -23,12 +23,12 @@ class L2(Penalty):
     """
 
     def accumulate(self, w, w0, fisher, out, scale):
-        norms, dists = [], []
+        sq, dists = [], []
         for block in blocks(w, out) if w0 is None else blocks(w, out, w0):  # w read back from the cache
             wb, ob = block[0], block[1]
-            norms += torch._foreach_norm(wb)
+            sq += squares(wb)
             if w0 is not None:
-                dists += torch._foreach_norm(torch._foreach_sub(wb, block[2]))
+                dists += squares(torch._foreach_sub(wb, block[2]))
             torch._foreach_add_(ob, wb, alpha=scale)
-        dist_sq = torch.stack(dists).square().sum() if w0 is not None else None
-        return 0.5 * torch.stack(norms).square().sum(), dist_sq
+        dist_sq = torch.stack(dists).sum() if w0 is not None else None
+        return 0.5 * torch.stack(sq).sum(), dist_sq

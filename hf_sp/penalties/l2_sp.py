@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._registry import Penalty, blocks, register_penalty
+from ._registry import Penalty, deviation_blocks, register_penalty, squares
 
 
 @register_penalty(
@@ -20,10 +20,9 @@ class L2SP(Penalty):
     """
 
     def accumulate(self, w, w0, fisher, out, scale):
-        norms = []
-        for wb, w0b, ob in blocks(w, w0, out):  # w - w0 of a block is read back from the cache
-            d = torch._foreach_sub(wb, w0b)
-            norms += torch._foreach_norm(d)
+        sq = []
+        for d, ob in deviation_blocks(w, w0, out):  # w - w0 of a block is read back from the cache
+            sq += squares(d)
             torch._foreach_add_(ob, d, alpha=scale)
-        dist_sq = torch.stack(norms).square().sum()
+        dist_sq = torch.stack(sq).sum()
         return 0.5 * dist_sq, dist_sq

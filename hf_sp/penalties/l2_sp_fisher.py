@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._registry import Penalty, blocks, register_penalty
+from ._registry import Penalty, deviation_blocks, register_penalty, squares
 
 
 @register_penalty(
@@ -23,11 +23,10 @@ class L2SPFisher(Penalty):
     """
 
     def accumulate(self, w, w0, fisher, out, scale):
-        norms, values = [], []
-        for wb, w0b, fb, ob in blocks(w, w0, fisher, out):  # the block's temporaries are read back from the cache
-            d = torch._foreach_sub(wb, w0b)
-            norms += torch._foreach_norm(d)
+        sq, values = [], []
+        for d, fb, ob in deviation_blocks(w, w0, fisher, out):  # the block's temporaries are read back from the cache
+            sq += squares(d)
             fd = torch._foreach_mul(d, fb)
             values += [torch.vdot(a.reshape(-1), b.reshape(-1)) for a, b in zip(fd, d, strict=True)]
             torch._foreach_add_(ob, fd, alpha=scale)
-        return 0.5 * torch.stack(values).sum(), torch.stack(norms).square().sum()
+        return 0.5 * torch.stack(values).sum(), torch.stack(sq).sum()
