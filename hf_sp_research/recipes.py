@@ -45,6 +45,12 @@ def _recipes() -> dict[str, Recipe]:
         Recipe("l2_sp_frozen_bn", "L2-SP, BatchNorm frozen",
                {**paper, "sp_penalty": "l2_sp", "sp_alpha": 1e-3, "sp_batchnorm": "frozen"},
                [{"learning_rate": 3e-3}], seeds=False),
+        Recipe("lp_ft_frozen_bn_layer_decay", "LP-FT, BatchNorm frozen, layer-wise decay",
+               {**lp_ft, "sp_penalty": "none", "sp_batchnorm": "frozen", "sp_layer_decay": 0.7},
+               [{"learning_rate": 1e-3}], seeds=False),
+        Recipe("lp_ft_delta_frozen_bn", "LP-FT + DELTA (attention), BatchNorm frozen",
+               {**lp_ft, "sp_penalty": "none", "sp_batchnorm": "frozen", "sp_delta_attention": "loss_drop"},
+               [{"learning_rate": 3e-4, "sp_delta": 0.1}], seeds=False),
         # The paper's successors, each on top of the L2 recipe (so that "vs L2" is the method's own gain)
         Recipe("spd", "L2 + SPD (selective projection decay)", {**l2, "sp_spd": 1.0}, [{"learning_rate": 0.01}]),
         Recipe("projection", "L2 + projection to a fixed radius (l2 ball)",

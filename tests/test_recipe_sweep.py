@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 from test_reproduce import make_tree
 
+from hf_sp import SPConfig
 from hf_sp_research import recipe_sweep
 from hf_sp_research.recipe_sweep import RecipeSweepConfig, parse_args
+from hf_sp_research.recipes import RECIPES
 
 
 def tiny_config(tmp_path: Path, **overrides) -> RecipeSweepConfig:
@@ -82,3 +84,21 @@ def test_recipe_sweep_arguments(tmp_path):
         RecipeSweepConfig(data_dir="x", recipes=["lp_ft_plus"])
     with pytest.raises(ValueError, match="must contain 1.0"):
         RecipeSweepConfig(data_dir="x", interpolation_grid=[0.0, 0.5])
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_every_recipe_setting_is_a_valid_configuration(tmp_path, name):
+    """A sweep that reaches a recipe only after hours must not fail there on a field the library refuses."""
+    recipe = RECIPES[name]
+    assert recipe.grid, name
+    for setting in recipe.grid:
+        args = SPConfig(output_dir=str(tmp_path), report_to="none", **{**recipe.fields, **setting})
+        assert all(getattr(args, k) == v for k, v in {**recipe.fields, **setting}.items())
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].glob("configs/recipes_*.yaml")))
+def test_committed_sweep_configs_parse_and_their_grids_are_valid(tmp_path, path):
+    config = parse_args(["--config", str(path), "--data_dir", str(tmp_path)])
+    for name, grid in config.grids.items():
+        for setting in grid:
+            SPConfig(output_dir=str(tmp_path), report_to="none", **{**RECIPES[name].fields, **setting})
