@@ -18,7 +18,7 @@ import torch
 import transformers
 from transformers import HfArgumentParser
 
-from ._cli import apply_yaml_config
+from .cli import apply_yaml_config
 from .checkpoints import resume_checkpoint
 from .config import SPConfig
 from .data import (

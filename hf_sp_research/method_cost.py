@@ -29,8 +29,8 @@ from torch.utils.data import Dataset
 from transformers import TrainerCallback
 
 from hf_sp import SPConfig, SPTrainer
-from hf_sp.benchmark import SyntheticImages
 from hf_sp.loading import load_model
+from hf_sp_research.benchmark import SyntheticImages
 
 __all__ = ["CONFIGURATIONS", "MethodCostConfig", "markdown_report", "measure_method_costs"]
 

@@ -19,10 +19,10 @@ Re-summarize a saved run from its raw per-run numbers (measures nothing):
     python scripts/benchmark.py --render results/benchmark/benchmark.json
 
 Writes OUT/benchmark.json (raw numbers, machine, versions, command) and OUT/benchmark.md (tables).
-Every option: ``python scripts/benchmark.py --help`` (the logic lives in ``hf_sp.benchmark``).
+Every option: ``python scripts/benchmark.py --help`` (the logic lives in ``hf_sp_research.benchmark``).
 """
 
-from hf_sp.benchmark import main
+from hf_sp_research.benchmark import main
 
 if __name__ == "__main__":
     main(prog="scripts/benchmark.py")

@@ -10,10 +10,10 @@ Every section on the CPU with tiny models (what the test suite runs):
 
     python scripts/gpu_check.py --dry-run --out /tmp/gpu-check
 
-Writes OUT/gpu_check.json and OUT/gpu_check.md (the logic lives in ``hf_sp.gpu_check``).
+Writes OUT/gpu_check.json and OUT/gpu_check.md (the logic lives in ``hf_sp_research.gpu_check``).
 """
 
-from hf_sp.gpu_check import main
+from hf_sp_research.gpu_check import main
 
 if __name__ == "__main__":
     main(prog="scripts/gpu_check.py")

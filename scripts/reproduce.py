@@ -25,7 +25,7 @@ Killed? Run the same command again: finished runs are skipped, a half-finished r
 checkpoint. Every option is listed by ``--help``; ``--config sweep.yaml`` reads them from YAML.
 """
 
-from hf_sp.reproduce import main
+from hf_sp_research.reproduce import main
 
 if __name__ == "__main__":
     main()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_sp.benchmark import SECTIONS, build_parser, config_from_args, full_config, quick_config
+from hf_sp_research.benchmark import SECTIONS, build_parser, config_from_args, full_config, quick_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from hf_sp.gpu_check import ENGINES, main
+from hf_sp_research.gpu_check import ENGINES, main
 
 
 @pytest.mark.slow

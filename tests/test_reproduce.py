@@ -9,9 +9,16 @@ import pytest
 import torch
 from PIL import Image
 
-from hf_sp import reproduce
 from hf_sp.finetune import parse_args as finetune_parse_args
-from hf_sp.reproduce import RunSpec, SweepConfig, map_fisher_names, normalize_fisher, parse_args, select_settings
+from hf_sp_research import reproduce
+from hf_sp_research.reproduce import (
+    RunSpec,
+    SweepConfig,
+    map_fisher_names,
+    normalize_fisher,
+    parse_args,
+    select_settings,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +47,7 @@ def tiny_config(tmp_path: Path, **overrides) -> SweepConfig:
         eval_batch_size=8,
         probe_c_grid=[1.0],
         diagnostic_images=6,
-        extra_args=["--disable_tqdm", "true", "--use_cpu"],
+        run_options={"disable_tqdm": True, "use_cpu": True},
     )
     values.update(overrides)
     return SweepConfig(**values)
@@ -157,21 +164,30 @@ def test_command_line_yaml_and_grids(tmp_path):
 
 
 def test_each_run_is_the_finetune_cli_with_the_sweeps_budget(tmp_path):
-    config = tiny_config(tmp_path, methods=["l2_sp_fisher"], alpha_grid={"l2_sp_fisher": [0.1]})
+    """A run's arguments, built as dataclasses, equal the fine-tuning CLI's for the same options."""
+    options = ["sp_include=all", "use_cpu=true", "disable_tqdm=true"]
+    config = tiny_config(tmp_path, methods=["l2_sp_fisher"], alpha_grid={"l2_sp_fisher": [0.1]}, run_options=options)
     spec = RunSpec("l2_sp_fisher", 0.1, 0.01, 0.02, 3)
-    fisher = tmp_path / "fisher.safetensors"
-    argv = reproduce.finetune_argv(config, spec, tmp_path / "run", fisher)
-    model_args, data_args, args = finetune_parse_args(argv)
-    assert (args.sp_penalty, args.sp_alpha, args.sp_beta, args.learning_rate, args.seed) == (
-        "l2_sp_fisher",
-        0.1,
-        0.01,
-        0.02,
-        3,
+    fisher, run = tmp_path / "fisher.safetensors", tmp_path / "run"
+    model_args, data_args, args = reproduce.finetune_arguments(config, spec, run, fisher)
+    data = Path(config.data_dir)
+    argv = ["--model_name_or_path", config.model_name_or_path, "--train_dir", str(data / "train")]
+    argv += ["--validation_dir", str(data / "val"), "--test_dir", str(data / "test"), "--train_val_split", "0"]
+    argv += ["--image_size", "32", "--num_train_epochs", "1", "--per_device_train_batch_size", "4"]
+    argv += ["--per_device_eval_batch_size", "8", "--learning_rate", "0.02", "--sp_penalty", "l2_sp_fisher"]
+    argv += ["--sp_alpha", "0.1", "--sp_beta", "0.01", "--seed", "3", "--output_dir", str(run)]
+    argv += ["--eval_strategy", "no", "--save_strategy", "epoch", "--save_total_limit", "1"]
+    argv += ["--sp_fisher_path", str(fisher), "--sp_include", "all", "--use_cpu", "--disable_tqdm", "true"]
+    cli_model, cli_data, cli_args = finetune_parse_args(argv)
+    assert (model_args, data_args) == (cli_model, cli_data)
+    assert args.to_dict() == cli_args.to_dict()
+    assert (args.sp_penalty, args.sp_alpha, args.learning_rate, args.seed, args.sp_include) == (
+        "l2_sp_fisher", 0.1, 0.02, 3, "all"
     )
-    assert args.sp_fisher_path == str(fisher) and args.num_train_epochs == 1 and model_args.image_size == 32
-    assert args.eval_strategy == "no" and args.save_total_limit == 1 and args.use_cpu
-    assert data_args.validation_dir.endswith("val") and data_args.test_dir.endswith("test")
+    with pytest.raises(ValueError, match="run_options: sp_nothing is not a field"):
+        tiny_config(tmp_path / "bad1", run_options=["sp_nothing=1"])
+    with pytest.raises(ValueError, match="must be NAME=VALUE"):
+        tiny_config(tmp_path / "bad2", run_options=["use_cpu"])
 
 
 def test_fisher_names_and_normalization():
@@ -334,7 +350,7 @@ def test_sweep_on_a_hub_style_data_set_with_classes_and_shots(tmp_path):
     args = ["--methods", "l2_sp", "--alpha_grid", "l2_sp=0.1", "--seeds", "0", "--image_size", "32"]
     args += ["--num_train_epochs", "1", "--batch_size", "4", "--probe_c_grid", "1", "--diagnostics", "false"]
     config = parse_args(["--config", str(yaml_file), *args])
-    config.extra_args = ["--use_cpu", "--disable_tqdm", "true"]
+    config.run_options = {"use_cpu": True, "disable_tqdm": True}
     report = reproduce.run_sweep(config)
     (run,) = report["runs"]
     assert run["status"] == "ok"

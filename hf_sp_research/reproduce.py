@@ -54,11 +54,12 @@ import torch
 import yaml
 from torch import nn
 
-from ._cli import apply_yaml_config
-from ._machine import machine_info
-from .loading import PACKAGED_LITE0
+from hf_sp.cli import apply_yaml_config
+from hf_sp.loading import PACKAGED_LITE0
 
-logger = logging.getLogger("hf_sp.reproduce")
+from .machine import machine_info
+
+logger = logging.getLogger("hf_sp_research.reproduce")
 
 #: The methods of the paper's comparison, in table order (``l2`` is the baseline).
 METHODS: tuple[str, ...] = ("l2", "l2_sp", "l1_sp", "group_lasso_sp", "l2_sp_fisher")
@@ -109,8 +110,37 @@ BUDGET_FIELDS = (
     "lr_scheduler_type",
     "warmup_steps",
     "train_augmentation",
-    "extra_args",
+    "run_options",
 )
+
+
+def _parse_options(values: Sequence[str] | dict[str, Any]) -> dict[str, Any]:
+    """``["sp_include=all", "use_cpu=true"]`` or a mapping -> ``{"sp_include": "all", "use_cpu": True}`` (YAML values);
+    a name that no fine-tuning dataclass has is refused here, before any run."""
+    if isinstance(values, dict):
+        options = dict(values)
+    else:
+        options = {}
+        for item in values:
+            name, sep, value = item.partition("=")
+            if not sep or not name.strip():
+                raise ValueError(f"run_options entry {item!r} must be NAME=VALUE, e.g. sp_include=all.")
+            options[name.strip().lstrip("-")] = yaml.safe_load(value)
+    unknown = sorted(set(options) - set(_finetune_fields()))
+    if unknown:
+        raise ValueError(
+            f"run_options: {', '.join(unknown)} is not a field of ModelArguments, DataArguments or SPConfig "
+            "(see python scripts/finetune.py --help)."
+        )
+    return options
+
+
+def _finetune_fields() -> dict[str, type]:
+    """Field name -> the hf_sp.finetune dataclass (ModelArguments, DataArguments, SPConfig) that holds it."""
+    from hf_sp import SPConfig
+    from hf_sp.finetune import DataArguments, ModelArguments
+
+    return {f.name: cls for cls in (SPConfig, DataArguments, ModelArguments) for f in dataclasses.fields(cls) if f.init}
 
 
 def _parse_grid(values: Sequence[str] | dict[str, Any]) -> dict[str, list[float]]:
@@ -201,10 +231,11 @@ class SweepConfig:
     train_augmentation: str = field(
         default="standard", metadata={"help": "'standard' (random resized crop + flip) or 'none'."}
     )
-    extra_args: list[str] = field(
-        default_factory=list,
+    run_options: dict[str, Any] = field(
+        default_factory=dict,
         metadata={
-            "help": "More scripts/finetune.py arguments for every run, e.g. --extra_args=--sp_include=all.",
+            "help": "More fields of hf_sp.finetune's ModelArguments / DataArguments / SPConfig for every run: "
+            "NAME=VALUE on the command line (e.g. --run_options sp_include=all use_cpu=true), a mapping in YAML.",
             "nargs": "*",
         },
     )
@@ -254,7 +285,7 @@ class SweepConfig:
     )
 
     def __post_init__(self) -> None:
-        from .penalties import list_penalties
+        from hf_sp.penalties import list_penalties
 
         unknown = [m for m in self.methods if m not in list_penalties() or m == "none"]
         if unknown:
@@ -297,9 +328,10 @@ class SweepConfig:
             raise ValueError(f"keep_weights must be 'all', 'selected' or 'none', got {self.keep_weights!r}.")
         if self.train_augmentation not in ("standard", "none"):
             raise ValueError(f"train_augmentation must be 'standard' or 'none', got {self.train_augmentation!r}.")
-        from .data import parse_shots
+        from hf_sp.data import parse_shots
 
         self.shots_per_class = parse_shots(self.shots_per_class)
+        self.run_options = _parse_options(self.run_options)
         if self.data_dir is not None and self.dataset_name is not None:
             logger.info("data_dir=%s replaces dataset_name=%s (a local copy).", self.data_dir, self.dataset_name)
             self.dataset_name = self.dataset_config_name = None
@@ -391,7 +423,7 @@ def _read_json(path: Path) -> Any:
 def data_options(config: SweepConfig) -> dict[str, Any]:
     """The data source and selection, as keyword arguments of :func:`hf_sp.data.load_image_dataset`.
 
-    The same names are ``scripts/finetune.py`` options (:func:`finetune_argv`), so that every run, the probe
+    The same names are fields of ``hf_sp.finetune.DataArguments`` (:func:`finetune_arguments`), so that every run, the probe
     and the Fisher see the same examples. A source without its own validation split is refused
     (``train_val_split`` 0): a held-out part drawn per run would differ between runs.
     """
@@ -425,8 +457,8 @@ class _Data:
     """The data set and the source model's preprocessing, loaded once for the probe, Fisher and diagnostics."""
 
     def __init__(self, config: SweepConfig):
-        from .data import build_transforms, load_image_dataset
-        from .loading import load_model
+        from hf_sp.data import build_transforms, load_image_dataset
+        from hf_sp.loading import load_model
 
         self.dataset = load_image_dataset(**data_options(config))
         if "test" not in self.dataset:
@@ -445,7 +477,7 @@ class _Data:
         return self._load_model(self.config.model_name_or_path, num_labels=len(self.names), id2label=self.id2label)
 
     def split(self, name: str, limit: int | None = None):
-        from .data import attach_transform
+        from hf_sp.data import attach_transform
 
         part = self.dataset[name]
         if limit is not None:
@@ -455,7 +487,7 @@ class _Data:
     def loader(self, name: str, batch_size: int, limit: int | None = None):
         from torch.utils.data import DataLoader
 
-        from .data import collate
+        from hf_sp.data import collate
 
         return DataLoader(self.split(name, limit), batch_size=batch_size, shuffle=False, collate_fn=collate)
 
@@ -481,8 +513,8 @@ class _Reference:
     """The starting point w0 and the names of the anchored tensors, in the saved-file layout."""
 
     def __init__(self, data: _Data):
-        from .models import timm_layout_state_dict
-        from .selection import split_parameters
+        from hf_sp.models import timm_layout_state_dict
+        from hf_sp.selection import split_parameters
 
         model = data.target_model().model
         self.anchored = [_layout_name(model, n) for n in split_parameters(model).anchored]
@@ -554,8 +586,8 @@ def load_source_classifier(name_or_path: str) -> nn.Module:
     timm models are wrapped in ``TimmWrapperForImageClassification``, so that parameter names are those
     of the target model that :func:`hf_sp.loading.load_model` builds (``timm_model.`` prefix).
     """
-    from .loading import load_packaged_lite0
-    from .models import wrap_timm_model
+    from hf_sp.loading import load_packaged_lite0
+    from hf_sp.models import wrap_timm_model
 
     if name_or_path == PACKAGED_LITE0:
         return wrap_timm_model(load_packaged_lite0())
@@ -645,8 +677,8 @@ def fisher_settings(config: SweepConfig) -> dict[str, Any]:
 
 def prepare_fisher(config: SweepConfig, data: _Data, out_dir: Path) -> Path:
     """Estimate (or reuse) the source Fisher for ``l2_sp_fisher``, keyed by the target's parameter names."""
-    from .fisher import estimate_fisher, save_fisher
-    from .selection import split_parameters
+    from hf_sp.fisher import estimate_fisher, save_fisher
+    from hf_sp.selection import split_parameters
 
     path = out_dir / FISHER_FILE
     info_path = out_dir / "fisher.json"
@@ -691,59 +723,45 @@ def prepare_fisher(config: SweepConfig, data: _Data, out_dir: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ runs
-def finetune_argv(config: SweepConfig, spec: RunSpec, run_dir: Path, fisher_path: Path | None) -> list[str]:
-    """The ``scripts/finetune.py`` arguments of one run: the sweep's budget plus the run's method and setting."""
-    argv = ["--model_name_or_path", config.model_name_or_path]
-    for name, value in data_options(config).items():
-        if value is None or value is False:
-            continue
-        if isinstance(value, dict):  # shots_per_class
-            value = ",".join(f"{split}={k}" for split, k in value.items())
-        argv += [f"--{name}", *(map(str, value) if isinstance(value, list) else [str(value)])]
-    argv += [
-        "--image_size",
-        str(config.image_size),
-        "--train_augmentation",
-        config.train_augmentation,
-        "--num_train_epochs",
-        str(config.num_train_epochs),
-        "--per_device_train_batch_size",
-        str(config.batch_size),
-        "--per_device_eval_batch_size",
-        str(config.eval_batch_size),
-        "--learning_rate",
-        repr(spec.lr),
-        "--lr_scheduler_type",
-        config.lr_scheduler_type,
-        "--warmup_steps",
-        repr(config.warmup_steps),
-        "--sp_penalty",
-        spec.method,
-        "--sp_alpha",
-        repr(spec.alpha),
-        "--sp_beta",
-        repr(spec.beta),
-        "--seed",
-        str(spec.seed),
-        "--output_dir",
-        str(run_dir),
+def finetune_arguments(config: SweepConfig, spec: RunSpec, run_dir: Path, fisher_path: Path | None) -> tuple[Any, ...]:
+    """``hf_sp.finetune``'s ``(ModelArguments, DataArguments, SPConfig)`` of one run: the command line's defaults,
+    the sweep's budget, the run's method and setting, then ``run_options``."""
+    from hf_sp.finetune import CLI_DEFAULTS, DataArguments, ModelArguments
+
+    if spec.method == "l2_sp_fisher" and fisher_path is None:
+        raise ValueError("l2_sp_fisher needs the Fisher file; prepare_fisher was not run.")
+    values: dict[str, Any] = {
+        **CLI_DEFAULTS,
+        **{k: v for k, v in data_options(config).items() if v is not None},
+        "model_name_or_path": config.model_name_or_path,
+        "image_size": config.image_size,
+        "train_augmentation": config.train_augmentation,
+        "num_train_epochs": config.num_train_epochs,
+        "per_device_train_batch_size": config.batch_size,
+        "per_device_eval_batch_size": config.eval_batch_size,
+        "learning_rate": spec.lr,
+        "lr_scheduler_type": config.lr_scheduler_type,
+        "warmup_steps": config.warmup_steps,
+        "sp_penalty": spec.method,
+        "sp_alpha": spec.alpha,
+        "sp_beta": spec.beta,
+        "seed": spec.seed,
+        "output_dir": str(run_dir),
         # Only the final model is evaluated; one checkpoint per epoch (the last kept) lets a killed run resume.
-        "--eval_strategy",
-        "no",
-        "--save_strategy",
-        "epoch",
-        "--save_total_limit",
-        "1",
-        "--logging_steps",
-        "10",
-        "--report_to",
-        "none",
-    ]
-    if spec.method == "l2_sp_fisher":
-        if fisher_path is None:
-            raise ValueError("l2_sp_fisher needs the Fisher file; prepare_fisher was not run.")
-        argv += ["--sp_fisher_path", str(fisher_path)]
-    return argv + list(config.extra_args)
+        "eval_strategy": "no",
+        "save_strategy": "epoch",
+        "save_total_limit": 1,
+        "logging_steps": 10,
+        "report_to": "none",
+        **({"sp_fisher_path": str(fisher_path)} if spec.method == "l2_sp_fisher" else {}),
+        **config.run_options,
+    }
+    owner = _finetune_fields()
+    from hf_sp import SPConfig
+
+    return tuple(
+        cls(**{k: v for k, v in values.items() if owner[k] is cls}) for cls in (ModelArguments, DataArguments, SPConfig)
+    )
 
 
 def _logged_distance(run_dir: Path) -> float | None:
@@ -763,9 +781,9 @@ def train_one(config: SweepConfig, spec: RunSpec, run_dir: Path, fisher_path: Pa
     """Fine-tune once through :func:`hf_sp.finetune.run` (resuming from a checkpoint in ``run_dir`` if any)."""
     import transformers
 
-    from .finetune import parse_args, run
+    from hf_sp.finetune import run
 
-    model_args, data_args, args = parse_args(finetune_argv(config, spec, run_dir, fisher_path))
+    model_args, data_args, args = finetune_arguments(config, spec, run_dir, fisher_path)
     transformers.set_seed(spec.seed)  # the new head is initialised before Trainer seeds anything
     start = time.perf_counter()
     try:
@@ -835,7 +853,7 @@ def execute(
     if outcome["status"] == "ok" and reference is not None and weights.is_file():
         from safetensors.torch import load_file
 
-        from .diagnostics import total_distance
+        from hf_sp.diagnostics import total_distance
 
         result["sp_dist"], result["sp_rel_dist"] = total_distance(
             reference.state, load_file(str(weights)), reference.anchored
@@ -1088,9 +1106,9 @@ def diagnostic_runs(config: SweepConfig, chosen: dict[str, RunSpec]) -> dict[str
 
 def run_diagnostics(config: SweepConfig, data: _Data, run_dirs: dict[str, Path], out_dir: Path) -> dict[str, Any]:
     """Per-layer distance to the start and feature R^2 of the runs in ``run_dirs`` (label -> run folder)."""
-    from .diagnostics import feature_r2, plot_diagnostics, recalibrate_batchnorm, relative_distances
-    from .models import timm_layout_state_dict
-    from .selection import split_parameters
+    from hf_sp.diagnostics import feature_r2, plot_diagnostics, recalibrate_batchnorm, relative_distances
+    from hf_sp.models import timm_layout_state_dict
+    from hf_sp.selection import split_parameters
 
     source = data.target_model().model
     anchored = split_parameters(source).anchored
@@ -1151,7 +1169,8 @@ def _check_budget(config: SweepConfig, out_dir: Path) -> None:
     current = config.to_dict()
     if saved_path.is_file():
         saved = _read_json(saved_path)
-        changed = [k for k in BUDGET_FIELDS if saved.get(k) != json.loads(json.dumps(current.get(k)))]
+        # An empty value equals an absent one (a field added since, at its default: {} or [] or None).
+        changed = [k for k in BUDGET_FIELDS if (saved.get(k) or None) != (json.loads(json.dumps(current.get(k))) or None)]
         if changed:
             raise ValueError(
                 f"{out_dir} holds runs with another budget ({', '.join(f'{k}: {saved.get(k)!r}' for k in changed)}). "
@@ -1278,6 +1297,7 @@ _TYPES = {
     "list[str]": str,
     "list[str] | None": str,
     "dict[str, list[float]]": str,
+    "dict[str, Any]": str,
 }
 
 

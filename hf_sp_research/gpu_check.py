@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from ._machine import machine_info
+from .machine import machine_info
 
 __all__ = ["main", "run_check"]
 
@@ -83,8 +83,7 @@ def _train_steps(model_name: str, sp: bool, precision: str, plan: dict[str, Any]
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from hf_sp import SPConfig, SPTrainer
-
-    from .benchmark import SyntheticImages, create_wrapped_model
+    from hf_sp_research.benchmark import SyntheticImages, create_wrapped_model
 
     class Timer(TrainerCallback):
         def __init__(self) -> None:
@@ -163,8 +162,7 @@ def _bandwidth(device: torch.device, iters: int) -> float:
 def penalty_times(plan: dict[str, Any], device: torch.device) -> dict[str, Any]:
     from hf_sp import split_parameters
     from hf_sp.regularizer import ANCHOR_KEY, SPRegularizer
-
-    from .benchmark import FLOOR_BYTES_PER_ENTRY, NullOptimizer, create_wrapped_model
+    from hf_sp_research.benchmark import FLOOR_BYTES_PER_ENTRY, NullOptimizer, create_wrapped_model
 
     bandwidth = _bandwidth(device, plan["penalty_iters"])
     out: dict[str, Any] = {"bandwidth_GB_per_s": bandwidth / 1e9}
@@ -244,8 +242,7 @@ def _sharded_child(engine: str, out_dir: str, device_type: str) -> dict[str, Any
     from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification
 
     from hf_sp import SPConfig, SPTrainer
-
-    from .benchmark import SyntheticImages
+    from hf_sp_research.benchmark import SyntheticImages
 
     def model() -> ViTForImageClassification:
         torch.manual_seed(0)
@@ -327,7 +324,7 @@ def sharded(device: torch.device) -> dict[str, Any]:
                 continue
         with tempfile.TemporaryDirectory(prefix=f"hf_sp_{engine}_") as tmp:
             result_path = Path(tmp) / "result.json"
-            cmd = [sys.executable, "-m", "hf_sp.gpu_check", "--sharded-child", engine, tmp, device.type]
+            cmd = [sys.executable, "-m", "hf_sp_research.gpu_check", "--sharded-child", engine, tmp, device.type]
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=300)
             if proc.returncode == 0 and result_path.is_file():
@@ -438,4 +435,4 @@ if __name__ == "__main__":
         engine, out_dir, device_type = sys.argv[2:5]
         Path(out_dir, "result.json").write_text(json.dumps(_sharded_child(engine, out_dir, device_type)))
     else:
-        main(prog="-m hf_sp.gpu_check")
+        main(prog="-m hf_sp_research.gpu_check")

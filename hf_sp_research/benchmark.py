@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._machine import machine_info
+from .machine import machine_info
 
 __all__ = [
     "BenchmarkConfig",
@@ -290,7 +290,7 @@ def _train_child(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _child_main(argv: Sequence[str]) -> None:
-    """Entry point of a training subprocess: ``python -m hf_sp.benchmark --child SPEC.json OUT.json``."""
+    """Entry point of a training subprocess: ``python -m hf_sp_research.benchmark --child SPEC.json OUT.json``."""
     spec = json.loads(Path(argv[0]).read_text())
     result = _train_child(spec)
     Path(argv[1]).write_text(json.dumps(result))
@@ -303,7 +303,7 @@ def _run_child(
     spec_path.write_text(json.dumps(spec))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(extra_env or {})}
     env.setdefault("OMP_NUM_THREADS", str(spec["threads"]))
-    cmd = [sys.executable, "-m", "hf_sp.benchmark", "--child", str(spec_path), str(out_path)]
+    cmd = [sys.executable, "-m", "hf_sp_research.benchmark", "--child", str(spec_path), str(out_path)]
     with open(log_path, "w") as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
     if proc.returncode != 0 or not out_path.is_file():
@@ -1245,4 +1245,4 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         _child_main(sys.argv[2:])
     else:
-        main(prog="-m hf_sp.benchmark")
+        main(prog="-m hf_sp_research.benchmark")
