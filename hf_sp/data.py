@@ -360,8 +360,27 @@ def check_images(dataset: Dataset, *, split: str, skip_corrupt: bool = False) ->
     return dataset, len(bad)
 
 
-def build_transforms(data_config: dict[str, Any], image_size: int | None = None) -> tuple[Callable, Callable]:
-    """Train (random resized crop, flip) and eval (resize, centre crop) transforms from the model's config."""
+#: Area range of the training crops (timm's and torchvision's default ``scale``).
+DEFAULT_CROP_SCALE = (0.08, 1.0)
+
+
+def check_crop_scale(scale: Sequence[float]) -> tuple[float, float]:
+    """``(lo, hi)`` with ``0 < lo <= hi <= 1``; ``ValueError`` naming ``train_crop_scale`` otherwise."""
+    values = tuple(float(v) for v in scale)
+    if len(values) != 2 or not 0 < values[0] <= values[1] <= 1:
+        raise ValueError(
+            f"train_crop_scale={list(scale)!r} must be two fractions of the image area, 0 < min <= max <= 1 "
+            "(e.g. 0.08 1.0, the default, or 0.35 1.0 for milder crops)."
+        )
+    return values
+
+
+def build_transforms(
+    data_config: dict[str, Any], image_size: int | None = None, crop_scale: Sequence[float] = DEFAULT_CROP_SCALE
+) -> tuple[Callable, Callable]:
+    """Train (random resized crop of ``crop_scale`` of the area, flip) and eval (resize, centre crop) transforms
+    from the model's config."""
+    crop_scale = check_crop_scale(crop_scale)
     size = image_size or data_config["input_size"][-1]
     crop_pct = data_config.get("crop_pct") or 0.875
     interpolation = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}.get(
@@ -370,7 +389,7 @@ def build_transforms(data_config: dict[str, Any], image_size: int | None = None)
     normalize = T.Normalize(mean=data_config["mean"], std=data_config["std"])
     train = T.Compose(
         [
-            T.RandomResizedCrop(size, interpolation=interpolation),
+            T.RandomResizedCrop(size, scale=crop_scale, interpolation=interpolation),
             T.RandomHorizontalFlip(),
             T.ToTensor(),
             normalize,

@@ -18,13 +18,15 @@ import torch
 import transformers
 from transformers import HfArgumentParser
 
-from .cli import apply_yaml_config
 from .checkpoints import resume_checkpoint
+from .cli import apply_yaml_config
 from .config import SPConfig
 from .data import (
+    DEFAULT_CROP_SCALE,
     DIGITS,
     attach_transform,
     build_transforms,
+    check_crop_scale,
     check_images,
     collate,
     load_image_dataset,
@@ -117,6 +119,14 @@ class DataArguments:
             "change what a digit is)."
         },
     )
+    train_crop_scale: list[float] = field(
+        default_factory=lambda: list(DEFAULT_CROP_SCALE),
+        metadata={
+            "help": "Area range of the random training crops (timm's --scale), e.g. 0.35 1.0 for milder crops: "
+            "small crops enlarged change the scale of textures.",
+            "nargs": 2,
+        },
+    )
     skip_corrupt_images: bool = field(
         default=False, metadata={"help": "Skip (and count) unreadable image files instead of stopping."}
     )
@@ -136,6 +146,7 @@ class DataArguments:
             self.train_augmentation = "none" if self.dataset_name == DIGITS else "standard"
         if self.train_augmentation not in ("standard", "none"):
             raise ValueError(f"train_augmentation must be 'standard' or 'none', got {self.train_augmentation!r}.")
+        self.train_crop_scale = list(check_crop_scale(self.train_crop_scale))
         if self.train_val_split is not None and not 0 <= self.train_val_split < 1:
             raise ValueError(f"train_val_split must be in [0, 1), got {self.train_val_split}.")
         self.shots_per_class = parse_shots(self.shots_per_class)  # a bad value fails here, before any loading
@@ -248,7 +259,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, args: SPConfig) ->
     if args.sp_head_modules is None and loaded.new_parameters:
         # The source's own report of what it lacks is the truth about w_Sbar; structure is the fallback.
         args.sp_head_modules = new_modules(loaded.model, loaded.new_parameters) or None
-    train_tf, eval_tf = build_transforms(loaded.data_config, image_size)
+    train_tf, eval_tf = build_transforms(loaded.data_config, image_size, data_args.train_crop_scale)
     train = attach_transform(dataset["train"], train_tf if data_args.train_augmentation == "standard" else eval_tf)
     val = attach_transform(dataset["validation"], eval_tf)
     test = attach_transform(dataset["test"], eval_tf) if "test" in dataset else None

@@ -35,7 +35,7 @@ import yaml
 from transformers import TrainerCallback
 
 from hf_sp import SPConfig, SPTrainer
-from hf_sp.data import attach_transform, build_transforms, collate, load_image_dataset
+from hf_sp.data import DEFAULT_CROP_SCALE, attach_transform, build_transforms, collate, load_image_dataset
 from hf_sp.loading import PACKAGED_LITE0, load_model
 from hf_sp.methods import extract_head_inputs, fit_linear_probe, head_linear, interpolate_
 from hf_sp.metrics import build_compute_metrics
@@ -65,6 +65,8 @@ class RecipeSweepConfig:
     batch_size: int = 32
     eval_batch_size: int = 64
     sp_beta: float = 0.01
+    #: Area range of the training crops, unless a recipe sets its own ``train_crop_scale``.
+    train_crop_scale: list[float] = field(default_factory=lambda: list(DEFAULT_CROP_SCALE))
     recipes: list[str] = field(default_factory=lambda: list(RECIPES))
     #: Replaces a recipe's grid, e.g. ``{"lp_ft_frozen_bn": [{"learning_rate": 0.001}]}``.
     grids: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
@@ -115,8 +117,8 @@ class _Data:
         )
         self.names = self.dataset["train"].features["label"].names
         self.config = config
-        loaded = self.model()
-        self.train_tf, self.eval_tf = build_transforms(loaded.data_config, config.image_size)
+        self.data_config = self.model().data_config
+        self.train_tf, self.eval_tf = build_transforms(self.data_config, config.image_size, config.train_crop_scale)
 
     def model(self):
         loaded = load_model(
@@ -125,9 +127,14 @@ class _Data:
         loaded.set_image_size(self.config.image_size)
         return loaded
 
-    def split(self, name: str, train_transform: bool = False):
+    def split(self, name: str, train_transform: bool = False, crop_scale: Sequence[float] | None = None):
+        """A split with the eval transform, or the training one (with crops of ``crop_scale`` if given)."""
         part = self.dataset[name].with_format(None)
-        return attach_transform(part, self.train_tf if train_transform else self.eval_tf)
+        if not train_transform:
+            return attach_transform(part, self.eval_tf)
+        if crop_scale is None:
+            return attach_transform(part, self.train_tf)
+        return attach_transform(part, build_transforms(self.data_config, self.config.image_size, crop_scale)[0])
 
 
 class _StartOfTraining(TrainerCallback):
@@ -166,6 +173,7 @@ def train_one(config: RecipeSweepConfig, data: _Data, spec: RunSpec, run_dir: Pa
     """One training of ``spec``, then val and test along the interpolation path."""
     loaded = data.model()
     settings = {**recipe.fields, **dict(spec.setting)}
+    crop_scale = settings.pop("train_crop_scale", None)  # the data's, not SPConfig's
     args = SPConfig(
         output_dir=str(run_dir),
         sp_beta=config.sp_beta,
@@ -193,7 +201,7 @@ def train_one(config: RecipeSweepConfig, data: _Data, spec: RunSpec, run_dir: Pa
     trainer = SPTrainer(
         model=loaded.model,
         args=args,
-        train_dataset=data.split("train", train_transform=True),
+        train_dataset=data.split("train", train_transform=True, crop_scale=crop_scale),
         eval_dataset=val,
         probe_dataset=data.split("train"),
         data_collator=collate,

@@ -16,7 +16,8 @@ __all__ = ["RECIPES", "Recipe"]
 
 @dataclass(frozen=True)
 class Recipe:
-    """One recipe: fixed ``SPConfig`` fields and a grid of settings chosen on val."""
+    """One recipe: fixed ``SPConfig`` fields (and ``train_crop_scale``, the data's) and a grid of settings
+    chosen on val."""
 
     name: str
     title: str
@@ -53,6 +54,9 @@ def _recipes() -> dict[str, Recipe]:
                [{"learning_rate": 1e-3}], seeds=False),
         Recipe("lp_ft_frozen_bn_smoothing", "LP-FT, BatchNorm frozen, label smoothing 0.1",
                {**lp_ft, "sp_penalty": "none", "sp_batchnorm": "frozen", "label_smoothing_factor": 0.1},
+               [{"learning_rate": 3e-4}], seeds=False),
+        Recipe("lp_ft_frozen_bn_mild_crops", "LP-FT, BatchNorm frozen, crops of 35-100 % of the image",
+               {**lp_ft, "sp_penalty": "none", "sp_batchnorm": "frozen", "train_crop_scale": (0.35, 1.0)},
                [{"learning_rate": 3e-4}], seeds=False),
         Recipe("lp_ft_delta_frozen_bn", "LP-FT + DELTA (attention), BatchNorm frozen",
                {**lp_ft, "sp_penalty": "none", "sp_batchnorm": "frozen", "sp_delta_attention": "loss_drop"},

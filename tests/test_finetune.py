@@ -338,3 +338,19 @@ def test_resume_skips_a_checkpoint_cut_short(tmp_path, caplog, broken):
     assert "checkpoint-4" in caplog.text and broken in caplog.text
     with pytest.raises(ValueError, match=rf"checkpoint-4.*{broken}.*earlier checkpoint"):
         resume_checkpoint(tmp_path, str(tmp_path / "checkpoint-4"))
+
+
+def test_train_crop_scale_reaches_the_random_crops_and_bad_values_are_named(tmp_path):
+    from hf_sp.data import build_transforms
+
+    _, data_args, _ = parse_args(["--output_dir", str(tmp_path), "--train_crop_scale", "0.35", "1.0"])
+    assert data_args.train_crop_scale == [0.35, 1.0]
+    config = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    train, _ = build_transforms(config, 32, data_args.train_crop_scale)
+    (crop,) = [t for t in train.transforms if type(t).__name__ == "RandomResizedCrop"]
+    assert crop.scale == (0.35, 1.0)
+    default, _ = build_transforms(config, 32)
+    assert [t.scale for t in default.transforms if hasattr(t, "scale")] == [(0.08, 1.0)]
+    for bad in (["0.5", "0.2"], ["0", "1"], ["0.5", "1.5"]):
+        with pytest.raises(ValueError, match="train_crop_scale"):
+            parse_args(["--output_dir", str(tmp_path), "--train_crop_scale", *bad])

@@ -9,6 +9,7 @@ import pytest
 from test_reproduce import make_tree
 
 from hf_sp import SPConfig
+from hf_sp.data import check_crop_scale
 from hf_sp_research import recipe_sweep
 from hf_sp_research.recipe_sweep import RecipeSweepConfig, parse_args
 from hf_sp_research.recipes import RECIPES
@@ -92,8 +93,12 @@ def test_every_recipe_setting_is_a_valid_configuration(tmp_path, name):
     recipe = RECIPES[name]
     assert recipe.grid, name
     for setting in recipe.grid:
-        args = SPConfig(output_dir=str(tmp_path), report_to="none", **{**recipe.fields, **setting})
-        assert all(getattr(args, k) == v for k, v in {**recipe.fields, **setting}.items())
+        values = {**recipe.fields, **setting}
+        crop_scale = values.pop("train_crop_scale", None)  # the data's (the sweep builds the transform)
+        if crop_scale is not None:
+            check_crop_scale(crop_scale)
+        args = SPConfig(output_dir=str(tmp_path), report_to="none", **values)
+        assert all(getattr(args, k) == v for k, v in values.items())
 
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].glob("configs/recipes_*.yaml")))
@@ -101,4 +106,24 @@ def test_committed_sweep_configs_parse_and_their_grids_are_valid(tmp_path, path)
     config = parse_args(["--config", str(path), "--data_dir", str(tmp_path)])
     for name, grid in config.grids.items():
         for setting in grid:
-            SPConfig(output_dir=str(tmp_path), report_to="none", **{**RECIPES[name].fields, **setting})
+            values = {**RECIPES[name].fields, **setting}
+            values.pop("train_crop_scale", None)
+            SPConfig(output_dir=str(tmp_path), report_to="none", **values)
+
+
+def test_a_recipe_with_its_own_crops_trains_on_them(tmp_path, monkeypatch):
+    scales = []
+    real = recipe_sweep.build_transforms
+
+    def recording(data_config, image_size=None, crop_scale=(0.08, 1.0)):
+        scales.append(tuple(crop_scale))
+        return real(data_config, image_size, crop_scale)
+
+    monkeypatch.setattr(recipe_sweep, "build_transforms", recording)
+    data = recipe_sweep._Data(tiny_config(tmp_path, train_crop_scale=[0.2, 0.9]))
+    assert scales == [(0.2, 0.9)]
+    data.split("train", train_transform=True)
+    data.split("validation")
+    assert scales == [(0.2, 0.9)]
+    image = data.split("train", train_transform=True, crop_scale=(0.35, 1.0))[0]["pixel_values"]
+    assert scales == [(0.2, 0.9), (0.35, 1.0)] and tuple(image.shape) == (3, 32, 32)
