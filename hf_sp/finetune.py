@@ -358,7 +358,8 @@ def main(argv: list[str] | None = None) -> None:
         metrics = run(model_args, data_args, args)
     except (ValueError, PushError) as err:
         raise SystemExit(f"error: {err}") from None
-    finally:
-        end_process_group()
+    # On success only: a failed rank that destroyed an NCCL group while its peers wait in a collective would hang
+    # them instead of letting the launcher report the failure.
+    end_process_group()
     if args.should_log:
         print(summary(metrics, args.output_dir))

@@ -82,6 +82,14 @@ class RecipeSweepConfig:
         unknown = [r for r in [*self.recipes, *self.grids, *self.one_seed] if r not in RECIPES]
         if unknown:
             raise ValueError(f"recipes: unknown {unknown}; known: {list(RECIPES)}.")
+        for name, grid in self.grids.items():
+            for setting in grid:
+                bad = {k: v for k, v in setting.items() if isinstance(v, bool) or not isinstance(v, (int, float))}
+                if bad:
+                    raise ValueError(
+                        f"grids: {name}: {bad} — a grid setting holds numbers (they name the runs); put other values "
+                        "(e.g. train_crop_scale) in a recipe's fields."
+                    )
         if not self.seeds:
             raise ValueError("seeds is empty.")
         if 1.0 not in self.interpolation_grid:

@@ -115,23 +115,36 @@ BUDGET_FIELDS = (
 
 
 def _parse_options(values: Sequence[str] | dict[str, Any]) -> dict[str, Any]:
-    """``["sp_include=all", "use_cpu=true"]`` or a mapping -> ``{"sp_include": "all", "use_cpu": True}`` (YAML values);
-    a name that no fine-tuning dataclass has is refused here, before any run."""
+    """``["sp_include=all", "max_grad_norm=1e-3"]`` or a mapping -> ``{"sp_include": "all", "max_grad_norm": 0.001}``.
+
+    Each value is converted as the fine-tuning command line converts it (its field's type: ``1e-3`` is a float,
+    ``0.35 1.0`` a list); a name that no fine-tuning dataclass has is refused here, before any run.
+    """
     if isinstance(values, dict):
-        options = dict(values)
+        raw = dict(values)
     else:
-        options = {}
+        raw = {}
         for item in values:
             name, sep, value = item.partition("=")
             if not sep or not name.strip():
                 raise ValueError(f"run_options entry {item!r} must be NAME=VALUE, e.g. sp_include=all.")
-            options[name.strip().lstrip("-")] = yaml.safe_load(value)
-    unknown = sorted(set(options) - set(_finetune_fields()))
+            raw[name.strip().lstrip("-")] = value.split()
+    unknown = sorted(set(raw) - set(_finetune_fields()))
     if unknown:
         raise ValueError(
             f"run_options: {', '.join(unknown)} is not a field of ModelArguments, DataArguments or SPConfig "
             "(see python scripts/finetune.py --help)."
         )
+    from hf_sp.finetune import build_parser
+
+    parser, options = build_parser(), {}
+    for name, value in raw.items():
+        tokens = [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+        try:
+            namespace, _ = parser.parse_known_args([f"--{name}", *tokens])
+        except SystemExit:  # argparse has printed why
+            raise ValueError(f"run_options: {name}={' '.join(tokens)!r} is not a valid value.") from None
+        options[name] = getattr(namespace, name)
     return options
 
 
@@ -1169,6 +1182,11 @@ def _check_budget(config: SweepConfig, out_dir: Path) -> None:
     current = config.to_dict()
     if saved_path.is_file():
         saved = _read_json(saved_path)
+        if saved.get("extra_args"):  # the command-line strings that run_options replaced
+            raise ValueError(
+                f"{out_dir} holds runs made with extra_args={saved['extra_args']!r}: give them as run_options "
+                "(NAME=VALUE) in a new --output_dir."
+            )
         # An empty value equals an absent one (a field added since, at its default: {} or [] or None).
         changed = [k for k in BUDGET_FIELDS if (saved.get(k) or None) != (json.loads(json.dumps(current.get(k))) or None)]
         if changed:

@@ -82,12 +82,18 @@ def test_bad_input_exits_with_a_clear_message(tmp_path, capsys):
         main(["--train_dir", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "o")])
 
 
-def test_the_process_group_is_destroyed_before_exit_even_on_failure(tmp_path):
-    """A live gloo group at interpreter exit can abort a finished DDP run in its C++ teardown."""
+def test_a_finished_run_destroys_the_process_group_a_failed_one_leaves_it(tmp_path, monkeypatch):
+    """A live gloo group at interpreter exit can abort a finished DDP run in its C++ teardown; after a failure the
+    group is left alone (destroying NCCL while peers wait in a collective would hang them)."""
+    import hf_sp.finetune as finetune
+
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         with pytest.raises(SystemExit, match="is not a directory"):
             main(["--train_dir", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "o")])
+        assert torch.distributed.is_initialized()
+        monkeypatch.setattr(finetune, "run", lambda *args: {"eval_accuracy": 1.0})
+        main(["--output_dir", str(tmp_path / "o")])
         assert not torch.distributed.is_initialized()
     finally:
         if torch.distributed.is_initialized():

@@ -59,6 +59,20 @@ def test_value_and_gradient_match_formula(name, scale, block):
 
 
 @pytest.mark.parametrize("name", PENALTIES)
+def test_parameters_of_lower_precision_than_their_anchor(name, block):
+    """fp32 weights with a float64 anchor (a direct call of the public ``accumulate``): computed in the promoted
+    precision, as ``w - w0`` is, never squeezed into a buffer of the weights' type."""
+    w, w0, fisher = _tensors(3)
+    w32 = [t.float() for t in w]
+    expected = _formula(name, [t.double() for t in w32], w0, fisher)
+    out = [torch.zeros_like(t) for t in w32]
+    value, dist_sq = get_penalty(name).accumulate(w32, w0, fisher, out, 1.0)
+    torch.testing.assert_close(value.double(), expected, rtol=1e-6, atol=1e-9)
+    expected_dist = sum(((a.double() - b) ** 2).sum() for a, b in zip(w32, w0, strict=True))
+    torch.testing.assert_close(dist_sq.double(), expected_dist, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("name", PENALTIES)
 def test_decoupled_step_is_w_minus_lr_times_gradient(name, block):
     """With out=w and scale=-lr, the penalty moves w by -lr * dOmega/dw computed at the old w."""
     w, w0, fisher = _tensors(1)

@@ -83,6 +83,8 @@ def test_recipe_sweep_arguments(tmp_path):
     assert (local.data_dir, local.dataset_name, local.shots_per_class) == ("somewhere", None, None)
     with pytest.raises(ValueError, match="recipes: unknown"):
         RecipeSweepConfig(data_dir="x", recipes=["lp_ft_plus"])
+    with pytest.raises(ValueError, match="grids: l2: .*train_crop_scale.* a grid setting holds numbers"):
+        RecipeSweepConfig(data_dir="x", grids={"l2": [{"train_crop_scale": [0.35, 1.0]}]})
     with pytest.raises(ValueError, match="must contain 1.0"):
         RecipeSweepConfig(data_dir="x", interpolation_grid=[0.0, 0.5])
 

@@ -165,7 +165,7 @@ def test_command_line_yaml_and_grids(tmp_path):
 
 def test_each_run_is_the_finetune_cli_with_the_sweeps_budget(tmp_path):
     """A run's arguments, built as dataclasses, equal the fine-tuning CLI's for the same options."""
-    options = ["sp_include=all", "use_cpu=true", "disable_tqdm=true"]
+    options = ["sp_include=all", "use_cpu=true", "disable_tqdm=true", "max_grad_norm=1e-3", "train_crop_scale=0.35 1"]
     config = tiny_config(tmp_path, methods=["l2_sp_fisher"], alpha_grid={"l2_sp_fisher": [0.1]}, run_options=options)
     spec = RunSpec("l2_sp_fisher", 0.1, 0.01, 0.02, 3)
     fisher, run = tmp_path / "fisher.safetensors", tmp_path / "run"
@@ -178,12 +178,18 @@ def test_each_run_is_the_finetune_cli_with_the_sweeps_budget(tmp_path):
     argv += ["--sp_alpha", "0.1", "--sp_beta", "0.01", "--seed", "3", "--output_dir", str(run)]
     argv += ["--eval_strategy", "no", "--save_strategy", "epoch", "--save_total_limit", "1"]
     argv += ["--sp_fisher_path", str(fisher), "--sp_include", "all", "--use_cpu", "--disable_tqdm", "true"]
+    argv += ["--max_grad_norm", "1e-3", "--train_crop_scale", "0.35", "1"]
     cli_model, cli_data, cli_args = finetune_parse_args(argv)
     assert (model_args, data_args) == (cli_model, cli_data)
     assert args.to_dict() == cli_args.to_dict()
     assert (args.sp_penalty, args.sp_alpha, args.learning_rate, args.seed, args.sp_include) == (
         "l2_sp_fisher", 0.1, 0.02, 3, "all"
     )
+    assert args.max_grad_norm == 1e-3 and data_args.train_crop_scale == [0.35, 1.0]  # typed as the CLI types them
+    from_yaml = tiny_config(tmp_path / "yaml", run_options={"max_grad_norm": "1e-3", "use_cpu": True}).run_options
+    assert from_yaml == {"max_grad_norm": 1e-3, "use_cpu": True}
+    with pytest.raises(ValueError, match="run_options: sp_alpha='much' is not a valid value"):
+        tiny_config(tmp_path / "bad0", run_options=["sp_alpha=much"])
     with pytest.raises(ValueError, match="run_options: sp_nothing is not a field"):
         tiny_config(tmp_path / "bad1", run_options=["sp_nothing=1"])
     with pytest.raises(ValueError, match="must be NAME=VALUE"):
@@ -373,3 +379,18 @@ def test_difference_to_l2_with_its_standard_error():
     assert reproduce._vs_baseline(sp, l2) == "+2.0 +- 2.6"
     assert reproduce._vs_baseline({**sp, "n": 1}, l2) == "-"
     assert reproduce._vs_baseline(sp, None) == "-"
+
+
+def test_a_folder_made_with_the_old_extra_args_is_not_resumed_without_them(tmp_path):
+    config = tiny_config(tmp_path)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True)
+    (out / "sweep_config.json").write_text(json.dumps({**config.to_dict(), "extra_args": ["--sp_include", "all"]}))
+    with pytest.raises(ValueError, match="extra_args=.*give them as run_options"):
+        reproduce._check_budget(config, out)
+    plain = tiny_config(tmp_path / "plain", run_options={})
+    old = {k: v for k, v in plain.to_dict().items() if k != "run_options"}
+    (out / "sweep_config.json").write_text(json.dumps({**old, "extra_args": []}))
+    reproduce._check_budget(plain, out)  # an empty old value, an absent new one: the same budget
+    with pytest.raises(ValueError, match="another budget .*run_options"):
+        reproduce._check_budget(config, out)  # run_options given now, none then

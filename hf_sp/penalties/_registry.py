@@ -149,7 +149,12 @@ def deviation_blocks(w: Tensors, w0: Tensors, *lists: Tensors) -> Iterator[tuple
     """
     scratch: torch.Tensor | None = None
     for wb, w0b, *rest in blocks(w, w0, *lists):
-        if len(wb) == 1 and wb[0].device.type == "cpu" and wb[0].numel() <= CPU_BLOCK_NUMEL:
+        if (
+            len(wb) == 1
+            and wb[0].device.type == "cpu"
+            and wb[0].numel() <= CPU_BLOCK_NUMEL
+            and w0b[0].dtype == wb[0].dtype  # else w - w0 is of the promoted type
+        ):
             if scratch is None or scratch.dtype != wb[0].dtype:
                 scratch = torch.empty(CPU_BLOCK_NUMEL, dtype=wb[0].dtype)
             d = [torch.sub(wb[0], w0b[0], out=scratch[: wb[0].numel()].view(wb[0].shape))]
@@ -159,8 +164,13 @@ def deviation_blocks(w: Tensors, w0: Tensors, *lists: Tensors) -> Iterator[tuple
 
 
 def squares(tensors: Tensors) -> Tensors:
-    """``||t||^2`` of each tensor, as 0-dim tensors: a dot product where the tensor is contiguous (one fast
-    vectorised pass on CPU, where ``torch._foreach_norm`` is a slower reduction), else the squared norm."""
+    """``||t||^2`` of each tensor, as 0-dim tensors.
+
+    On CPU a dot product where the tensor is contiguous (one vectorised pass; ``torch._foreach_norm`` is a slower
+    reduction there); elsewhere one multi-tensor ``torch._foreach_norm`` launch for the whole list.
+    """
+    if not tensors or tensors[0].device.type != "cpu":
+        return [n.square() for n in torch._foreach_norm(tensors)] if tensors else []
     return [
         torch.dot(t.view(-1), t.view(-1)) if t.is_contiguous() and t.dim() > 0 else torch.linalg.vector_norm(t).square()
         for t in tensors
