@@ -739,6 +739,7 @@ def prepare_fisher(config: SweepConfig, data: _Data, out_dir: Path) -> Path:
 def finetune_arguments(config: SweepConfig, spec: RunSpec, run_dir: Path, fisher_path: Path | None) -> tuple[Any, ...]:
     """``hf_sp.finetune``'s ``(ModelArguments, DataArguments, SPConfig)`` of one run: the command line's defaults,
     the sweep's budget, the run's method and setting, then ``run_options``."""
+    from hf_sp import SPConfig
     from hf_sp.finetune import CLI_DEFAULTS, DataArguments, ModelArguments
 
     if spec.method == "l2_sp_fisher" and fisher_path is None:
@@ -770,8 +771,6 @@ def finetune_arguments(config: SweepConfig, spec: RunSpec, run_dir: Path, fisher
         **config.run_options,
     }
     owner = _finetune_fields()
-    from hf_sp import SPConfig
-
     return tuple(
         cls(**{k: v for k, v in values.items() if owner[k] is cls}) for cls in (ModelArguments, DataArguments, SPConfig)
     )

@@ -89,17 +89,22 @@ def test_recipe_sweep_arguments(tmp_path):
         RecipeSweepConfig(data_dir="x", interpolation_grid=[0.0, 0.5])
 
 
+def _run_arguments(tmp_path: Path, name: str, setting: dict) -> tuple[SPConfig, dict]:
+    """What the sweep builds for one run of recipe ``name`` at ``setting``: its SPConfig, and the SPConfig fields
+    asked for (``train_crop_scale`` is the data's: the sweep builds the transform from it)."""
+    values = {**RECIPES[name].fields, **setting}
+    crop_scale = values.pop("train_crop_scale", None)
+    if crop_scale is not None:
+        check_crop_scale(crop_scale)
+    return SPConfig(output_dir=str(tmp_path), report_to="none", **values), values
+
+
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_every_recipe_setting_is_a_valid_configuration(tmp_path, name):
     """A sweep that reaches a recipe only after hours must not fail there on a field the library refuses."""
-    recipe = RECIPES[name]
-    assert recipe.grid, name
-    for setting in recipe.grid:
-        values = {**recipe.fields, **setting}
-        crop_scale = values.pop("train_crop_scale", None)  # the data's (the sweep builds the transform)
-        if crop_scale is not None:
-            check_crop_scale(crop_scale)
-        args = SPConfig(output_dir=str(tmp_path), report_to="none", **values)
+    assert RECIPES[name].grid, name
+    for setting in RECIPES[name].grid:
+        args, values = _run_arguments(tmp_path, name, setting)
         assert all(getattr(args, k) == v for k, v in values.items())
 
 
@@ -108,9 +113,7 @@ def test_committed_sweep_configs_parse_and_their_grids_are_valid(tmp_path, path)
     config = parse_args(["--config", str(path), "--data_dir", str(tmp_path)])
     for name, grid in config.grids.items():
         for setting in grid:
-            values = {**RECIPES[name].fields, **setting}
-            values.pop("train_crop_scale", None)
-            SPConfig(output_dir=str(tmp_path), report_to="none", **values)
+            _run_arguments(tmp_path, name, setting)
 
 
 def test_a_recipe_with_its_own_crops_trains_on_them(tmp_path, monkeypatch):
