@@ -70,7 +70,7 @@ class RecipeSweepConfig:
     recipes: list[str] = field(default_factory=lambda: list(RECIPES))
     #: Replaces a recipe's grid, e.g. ``{"lp_ft_frozen_bn": [{"learning_rate": 0.001}]}``.
     grids: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    #: Recipes run at the first seed only (as diagnostics), whatever the recipe says.
+    #: Recipes run at the first seed only (diagnostics); the others run every seed at their chosen setting.
     one_seed: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     interpolation_grid: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
@@ -300,15 +300,9 @@ def run_recipe_sweep(config: RecipeSweepConfig) -> dict[str, Any]:
         probe_path.write_text(json.dumps(linear_probe(config, data), indent=1))
     probe = json.loads(probe_path.read_text())
     first = config.seeds[0]
-    recipes = [
-        replace(
-            RECIPES[r],
-            grid=config.grids.get(r, RECIPES[r].grid),
-            seeds=RECIPES[r].seeds and r not in config.one_seed,
-        )
-        for r in config.recipes
-    ]
-    grid = {r.name: [_run(config, data, s, r) for s in _grid_specs(r, first)] for r in recipes if r.seeds}
+    recipes = [replace(RECIPES[r], grid=config.grids.get(r, RECIPES[r].grid)) for r in config.recipes]
+    seeded = {r.name for r in recipes if r.name not in config.one_seed}
+    grid = {r.name: [_run(config, data, s, r) for s in _grid_specs(r, first)] for r in recipes if r.name in seeded}
     chosen: dict[tuple[str, str], dict[str, Any]] = {}
     for recipe in recipes:
         if recipe.name not in grid:  # a diagnostic recipe (one seed): trained after the compared recipes' seeds
@@ -316,13 +310,13 @@ def run_recipe_sweep(config: RecipeSweepConfig) -> dict[str, Any]:
         for variant, key in VARIANTS.items():
             chosen[recipe.name, variant] = max(grid[recipe.name], key=lambda r, key=key: r[key])  # ties: grid order
     rows = []
-    for recipe in sorted(recipes, key=lambda r: not r.seeds):
+    for recipe in sorted(recipes, key=lambda r: r.name not in seeded):
         if recipe.name not in grid:
             grid[recipe.name] = [_run(config, data, s, recipe) for s in _grid_specs(recipe, first)]
         for variant, key in VARIANTS.items():
             best = chosen.get((recipe.name, variant)) or max(grid[recipe.name], key=lambda r, key=key: r[key])
             seeds = [best]
-            if recipe.seeds:
+            if recipe.name in seeded:
                 spec = RunSpec(recipe.name, tuple(sorted(best["setting"].items())), first)
                 seeds += [_run(config, data, RunSpec(spec.recipe, spec.setting, s), recipe) for s in config.seeds[1:]]
             test_key = "test_accuracy" if variant == "trained" else "interp_test_accuracy"

@@ -1,8 +1,9 @@
 """The fine-tuning recipes the recipe sweep compares, each with its own small hyperparameter grid.
 
 A recipe is a set of ``SPConfig`` fields (penalty, head initialisation, BatchNorm handling); its grid
-lists the settings tried at the first seed, chosen on the validation split. Every recipe is reported
-twice: as trained (``t = 1``) and interpolated toward its start after training (WiSE-FT, ``t`` chosen
+lists the settings tried at the first seed, chosen on the validation split (a sweep's ``one_seed`` names
+the recipes it runs at the first seed only; the others run every seed at their chosen setting). Every
+recipe is reported twice: as trained (``t = 1``) and interpolated toward its start after training (WiSE-FT, ``t`` chosen
 on the validation split), from the same run.
 """
 
@@ -23,8 +24,6 @@ class Recipe:
     title: str
     fields: dict[str, Any]
     grid: list[dict[str, Any]] = field(default_factory=list)
-    #: Run the other seeds at the chosen setting (False: a diagnostic, first seed only).
-    seeds: bool = True
 
 
 def _recipes() -> dict[str, Recipe]:
@@ -41,26 +40,30 @@ def _recipes() -> dict[str, Recipe]:
                [{"learning_rate": 3e-3, "sp_alpha": 0.01}, {"learning_rate": 3e-3, "sp_alpha": 0.1}]),
         Recipe("lp_ft_l2_sp", "LP-FT + L2-SP, BatchNorm in train mode",
                {**lp_ft, "sp_penalty": "l2_sp", "sp_batchnorm": "train"},
-               [{"learning_rate": 1e-3, "sp_alpha": 0.1}], seeds=False),
+               [{"learning_rate": 1e-3, "sp_alpha": 0.1}]),
         Recipe("lp_ft", "LP-FT, BatchNorm in train mode", {**lp_ft, "sp_penalty": "none", "sp_batchnorm": "train"},
-               [{"learning_rate": 1e-3}], seeds=False),
-        Recipe("l2_frozen_bn", "L2, BatchNorm frozen", {**l2, "sp_batchnorm": "frozen"}, [{"learning_rate": 3e-3}],
-               seeds=False),
+               [{"learning_rate": 1e-3}]),
+        Recipe("l2_frozen_bn", "L2, BatchNorm frozen", {**l2, "sp_batchnorm": "frozen"}, [{"learning_rate": 3e-3}]),
         Recipe("l2_sp_frozen_bn", "L2-SP, BatchNorm frozen",
                {**paper, "sp_penalty": "l2_sp", "sp_alpha": 1e-3, "sp_batchnorm": "frozen"},
-               [{"learning_rate": 3e-3}], seeds=False),
+               [{"learning_rate": 3e-3}]),
         Recipe("lp_ft_frozen_bn_layer_decay", "LP-FT, BatchNorm frozen, layer-wise decay",
                {**lp_ft, "sp_penalty": "none", "sp_batchnorm": "frozen", "sp_layer_decay": 0.7},
-               [{"learning_rate": 1e-3}], seeds=False),
+               [{"learning_rate": 1e-3}]),
         Recipe("lp_ft_frozen_bn_smoothing", "LP-FT, BatchNorm frozen, label smoothing 0.1",
                {**lp_ft, "sp_penalty": "none", "sp_batchnorm": "frozen", "label_smoothing_factor": 0.1},
-               [{"learning_rate": 3e-4}], seeds=False),
+               [{"learning_rate": 3e-4}]),
+        # A softer probe head (a stronger L2 than the one chosen on val: a fixed sp_probe_c_grid) leaves a larger
+        # loss, so more gradient reaches the body; t = 0 of the interpolation is then that softer probe.
+        Recipe("lp_ft_frozen_bn_soft_head", "LP-FT, BatchNorm frozen, softer probe head (fixed C)",
+               {**lp_ft, "sp_penalty": "none", "sp_batchnorm": "frozen"},
+               [{"learning_rate": 3e-4, "sp_probe_c_grid": 0.01}]),
         Recipe("lp_ft_frozen_bn_mild_crops", "LP-FT, BatchNorm frozen, crops of 35-100 % of the image",
                {**lp_ft, "sp_penalty": "none", "sp_batchnorm": "frozen", "train_crop_scale": (0.35, 1.0)},
-               [{"learning_rate": 3e-4}], seeds=False),
+               [{"learning_rate": 3e-4}]),
         Recipe("lp_ft_delta_frozen_bn", "LP-FT + DELTA (attention), BatchNorm frozen",
                {**lp_ft, "sp_penalty": "none", "sp_batchnorm": "frozen", "sp_delta_attention": "loss_drop"},
-               [{"learning_rate": 3e-4, "sp_delta": 0.1}], seeds=False),
+               [{"learning_rate": 3e-4, "sp_delta": 0.1}]),
         # The paper's successors, each on top of the L2 recipe (so that "vs L2" is the method's own gain)
         Recipe("spd", "L2 + SPD (selective projection decay)", {**l2, "sp_spd": 1.0}, [{"learning_rate": 0.01}]),
         Recipe("projection", "L2 + projection to a fixed radius (l2 ball)",
