@@ -53,11 +53,11 @@ def _recipes() -> dict[str, Recipe]:
         Recipe("lp_ft_frozen_bn_smoothing", "LP-FT, BatchNorm frozen, label smoothing 0.1",
                {**lp_ft, "sp_penalty": "none", "sp_batchnorm": "frozen", "label_smoothing_factor": 0.1},
                [{"learning_rate": 3e-4}]),
-        # A softer probe head (a stronger L2 than the one chosen on val: a fixed sp_probe_c_grid) leaves a larger
-        # loss, so more gradient reaches the body; t = 0 of the interpolation is then that softer probe.
-        Recipe("lp_ft_frozen_bn_soft_head", "LP-FT, BatchNorm frozen, softer probe head (fixed C)",
-               {**lp_ft, "sp_penalty": "none", "sp_batchnorm": "frozen"},
-               [{"learning_rate": 3e-4, "sp_probe_c_grid": 0.01}]),
+        # A softer probe head (a stronger L2 than the one chosen on val: C fixed, 0.01 unless a grid setting gives
+        # sp_probe_c_grid) leaves a larger loss, so more gradient reaches the body; t = 0 is then that softer probe.
+        Recipe("lp_ft_frozen_bn_soft_head", "LP-FT, BatchNorm frozen, softer probe head (C fixed, 0.01)",
+               {**lp_ft, "sp_penalty": "none", "sp_batchnorm": "frozen", "sp_probe_c_grid": [0.01]},
+               [{"learning_rate": 3e-4}]),
         Recipe("lp_ft_frozen_bn_mild_crops", "LP-FT, BatchNorm frozen, crops of 35-100 % of the image",
                {**lp_ft, "sp_penalty": "none", "sp_batchnorm": "frozen", "train_crop_scale": (0.35, 1.0)},
                [{"learning_rate": 3e-4}]),

@@ -11,7 +11,7 @@ from test_reproduce import make_tree
 from hf_sp import SPConfig
 from hf_sp.data import check_crop_scale
 from hf_sp_research import recipe_sweep
-from hf_sp_research.recipe_sweep import RecipeSweepConfig, parse_args
+from hf_sp_research.recipe_sweep import RecipeSweepConfig, RunSpec, parse_args
 from hf_sp_research.recipes import RECIPES
 
 
@@ -104,12 +104,15 @@ def _run_arguments(tmp_path: Path, name: str, setting: dict) -> tuple[SPConfig, 
 def test_every_recipe_setting_is_a_valid_configuration(tmp_path, name):
     """A sweep that reaches a recipe only after hours must not fail there on a field the library refuses."""
     assert RECIPES[name].grid, name
+    defaults = SPConfig(output_dir=str(tmp_path), report_to="none")
     for setting in RECIPES[name].grid:
         args, values = _run_arguments(tmp_path, name, setting)
         for key, value in values.items():
-            # a number given for a list field (a grid setting holds numbers) is read as the list of that number
-            expected = [value] if isinstance(getattr(args, key), list) and not isinstance(value, list) else value
-            assert getattr(args, key) == expected, (name, key)
+            # a number given for a list field (a grid setting holds numbers) must be read as the list of that number
+            is_list = isinstance(getattr(defaults, key), list)
+            expected = [value] if is_list and not isinstance(value, list) else value
+            assert getattr(args, key) == expected and isinstance(getattr(args, key), list) == is_list, (name, key)
+        assert RunSpec(name, tuple(sorted(setting.items())), 0).name.startswith(name)  # numbers name the runs
 
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].glob("configs/recipes_*.yaml")))
