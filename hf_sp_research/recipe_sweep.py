@@ -10,7 +10,9 @@ interpolation toward the start, under one training budget, every choice made on 
 4. **Report**: ``results.json`` (every run) and ``results.md`` (test top-1, mean +- std over seeds, and the
    differences to L2 and to the probe with their standard errors).
 
-Resumable: a run whose ``run_result.json`` exists is skipped. Everything goes through the library's public API.
+Resumable: a run whose ``run_result.json`` exists is skipped. ``report_only`` (``--report_only``) trains nothing
+and reports the finished runs of a sweep still under way, listing the runs it still lacks. Everything goes
+through the library's public API.
 
 Example:
     >>> config = RecipeSweepConfig(data_dir="data/dtd10", output_dir="results/dtd10_recipes")
@@ -75,6 +77,8 @@ class RecipeSweepConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     interpolation_grid: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     probe_c_grid: list[float] = field(default_factory=lambda: [1e-3, 1e-2, 1e-1, 1.0, 10.0])
+    #: Train nothing: report the finished runs (a choice made on the grid's finished runs only) and list the others.
+    report_only: bool = False
 
     def __post_init__(self) -> None:
         if (self.data_dir is None) == (self.dataset_name is None):
@@ -255,11 +259,14 @@ def train_one(config: RecipeSweepConfig, data: _Data, spec: RunSpec, run_dir: Pa
     }
 
 
-def _run(config: RecipeSweepConfig, data: _Data, spec: RunSpec, recipe: Recipe) -> dict[str, Any]:
+def _run(config: RecipeSweepConfig, data: _Data | None, spec: RunSpec, recipe: Recipe) -> dict[str, Any] | None:
+    """The run's result: read back when it is finished, trained otherwise (``None`` under ``report_only``)."""
     run_dir = Path(config.output_dir) / "runs" / spec.name
     path = run_dir / RESULT_FILE
     if path.is_file():
         return json.loads(path.read_text())
+    if config.report_only or data is None:
+        return None
     logger.info("run %s", spec.name)
     try:
         result = train_one(config, data, spec, run_dir, recipe)
@@ -293,32 +300,43 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def run_recipe_sweep(config: RecipeSweepConfig) -> dict[str, Any]:
     """Probe, grids, seeds, report; returns the report (also written to ``output_dir``)."""
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    data = _Data(config)
     probe_path = out / "linear_probe.json"
+    if config.report_only and not probe_path.is_file():
+        raise FileNotFoundError(f"report_only: {probe_path} does not exist; nothing of this sweep has run yet.")
+    out.mkdir(parents=True, exist_ok=True)
+    data = None if config.report_only else _Data(config)
     if not probe_path.is_file():
         probe_path.write_text(json.dumps(linear_probe(config, data), indent=1))
     probe = json.loads(probe_path.read_text())
     first = config.seeds[0]
     recipes = [replace(RECIPES[r], grid=config.grids.get(r, RECIPES[r].grid)) for r in config.recipes]
     seeded = {r.name for r in recipes if r.name not in config.one_seed}
-    grid = {r.name: [_run(config, data, s, r) for s in _grid_specs(r, first)] for r in recipes if r.name in seeded}
+    missing: list[str] = []
+
+    def runs(specs: list[RunSpec], recipe: Recipe) -> list[dict[str, Any]]:
+        results = [(spec, _run(config, data, spec, recipe)) for spec in specs]
+        missing.extend(spec.name for spec, result in results if result is None and spec.name not in missing)
+        return [result for _, result in results if result is not None]
+
+    grid = {r.name: runs(_grid_specs(r, first), r) for r in recipes if r.name in seeded}
     chosen: dict[tuple[str, str], dict[str, Any]] = {}
     for recipe in recipes:
-        if recipe.name not in grid:  # a diagnostic recipe (one seed): trained after the compared recipes' seeds
+        if not grid.get(recipe.name):  # a diagnostic recipe (one seed): trained after the compared recipes' seeds
             continue
         for variant, key in VARIANTS.items():
             chosen[recipe.name, variant] = max(grid[recipe.name], key=lambda r, key=key: r[key])  # ties: grid order
     rows = []
     for recipe in sorted(recipes, key=lambda r: r.name not in seeded):
         if recipe.name not in grid:
-            grid[recipe.name] = [_run(config, data, s, recipe) for s in _grid_specs(recipe, first)]
+            grid[recipe.name] = runs(_grid_specs(recipe, first), recipe)
+        if not grid[recipe.name]:  # report_only, and no run of its grid has finished
+            continue
         for variant, key in VARIANTS.items():
             best = chosen.get((recipe.name, variant)) or max(grid[recipe.name], key=lambda r, key=key: r[key])
             seeds = [best]
             if recipe.name in seeded:
                 spec = RunSpec(recipe.name, tuple(sorted(best["setting"].items())), first)
-                seeds += [_run(config, data, RunSpec(spec.recipe, spec.setting, s), recipe) for s in config.seeds[1:]]
+                seeds += runs([RunSpec(spec.recipe, spec.setting, s) for s in config.seeds[1:]], recipe)
             test_key = "test_accuracy" if variant == "trained" else "interp_test_accuracy"
             tests = [r[test_key] for r in seeds]
             mean, std = _mean_std(tests)
@@ -328,7 +346,7 @@ def run_recipe_sweep(config: RecipeSweepConfig) -> dict[str, Any]:
                 "t": [r["interp_t"] for r in seeds] if variant == "interpolated" else None,
             })
     report = {"config": asdict(config), "linear_probe": probe, "rows": rows,
-              "runs": {r: grid[r] for r in grid}}
+              "runs": {r: grid[r] for r in grid}, "missing": missing}
     (out / "results.json").write_text(json.dumps(report, indent=1, default=float))
     (out / "results.md").write_text(markdown_report(report))
     return report
@@ -353,6 +371,11 @@ def markdown_report(report: dict[str, Any]) -> str:
         f"{cfg['batch_size']}, SGD momentum 0.9, cosine, beta {cfg['sp_beta']:g}; settings chosen on val at seed "
         f"{cfg['seeds'][0]}, then seeds {cfg['seeds']}; test top-1 % mean ± std. 'interpolated': w_start + t (w - "
         "w_start), t chosen on val, same runs.",
+        *(
+            ["", f"**Sweep under way**: {len(report['missing'])} runs not finished yet (listed at the end); a choice "
+             "on val is made among the finished settings only."]
+            if report.get("missing") else []
+        ),
         "",
         f"Linear probe: val {100 * probe['val_accuracy']:.2f}, **test {100 * probe['test_accuracy']:.2f}** "
         f"(C = {probe['C']:g}).",
@@ -369,12 +392,17 @@ def markdown_report(report: dict[str, Any]) -> str:
         if len(r["test"]) > 1:
             d, se = _difference(r["test"], [probe["test_accuracy"]])
             vs_probe = f"{100 * d:+.1f} ± {100 * se:.1f}"
-        std = f" ± {100 * r['test_std']:.1f}" if len(r["test"]) > 1 else " (1 seed)"
+        n, total = len(r["test"]), 1 if r["recipe"] in cfg["one_seed"] else len(cfg["seeds"])
+        std = f" ± {100 * r['test_std']:.1f}" if n > 1 else " (1 seed)" if total == 1 else ""
+        if n < total:  # report_only while the sweep is under way
+            std += f" ({n} of {total} seeds)"
         t = ", ".join(f"{x:g}" for x in r["t"]) if r["t"] else ""
         lines.append(
             f"| {r['title']} | {r['variant']} | {setting} | {100 * r['val_accuracy']:.2f} | "
             f"{100 * r['test_mean']:.1f}{std} | {vs_l2} | {vs_probe} | {t} |"
         )
+    if report.get("missing"):
+        lines += ["", "Not finished yet: " + ", ".join(f"`{name}`" for name in report["missing"]) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -385,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir")
     parser.add_argument("--recipes", nargs="+")
     parser.add_argument("--seeds", nargs="+", type=int)
+    parser.add_argument(
+        "--report_only", action="store_true", default=None, help="train nothing: report the finished runs"
+    )
     return parser
 
 
@@ -406,4 +437,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         config = parse_args(argv)
     except (ValueError, TypeError) as err:
         raise SystemExit(f"error: {err}") from None
-    print(markdown_report(run_recipe_sweep(config)))
+    try:
+        report = run_recipe_sweep(config)
+    except FileNotFoundError as err:
+        raise SystemExit(f"error: {err}") from None
+    print(markdown_report(report))

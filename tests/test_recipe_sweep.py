@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -69,8 +70,13 @@ def test_recipe_sweep_end_to_end_and_resume(tmp_path, monkeypatch):
     assert calls == []
     lost = next((out / "runs").iterdir())
     (lost / recipe_sweep.RESULT_FILE).unlink()
+    # report_only: the finished runs reported, the lost one listed, nothing trained
+    partial = recipe_sweep.run_recipe_sweep(replace(config, report_only=True))
+    assert calls == [] and partial["missing"] == [lost.name]
+    assert f"Not finished yet: `{lost.name}`." in (out / "results.md").read_text()
     recipe_sweep.run_recipe_sweep(config)
     assert calls == [lost.name]
+    assert "Not finished" not in (out / "results.md").read_text()
 
 
 def test_recipe_sweep_arguments(tmp_path):
@@ -88,6 +94,8 @@ def test_recipe_sweep_arguments(tmp_path):
         RecipeSweepConfig(data_dir="x", grids={"l2": [{"train_crop_scale": [0.35, 1.0]}]})
     with pytest.raises(ValueError, match="must contain 1.0"):
         RecipeSweepConfig(data_dir="x", interpolation_grid=[0.0, 0.5])
+    with pytest.raises(FileNotFoundError, match="nothing of this sweep has run yet"):
+        recipe_sweep.run_recipe_sweep(RecipeSweepConfig(data_dir="x", output_dir=str(tmp_path / "new"), report_only=True))
 
 
 def _run_arguments(tmp_path: Path, name: str, setting: dict) -> tuple[SPConfig, dict]:
