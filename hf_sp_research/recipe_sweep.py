@@ -265,7 +265,7 @@ def _run(config: RecipeSweepConfig, data: _Data | None, spec: RunSpec, recipe: R
     path = run_dir / RESULT_FILE
     if path.is_file():
         return json.loads(path.read_text())
-    if config.report_only or data is None:
+    if data is None:  # report_only: nothing is trained
         return None
     logger.info("run %s", spec.name)
     try:
@@ -321,7 +321,7 @@ def run_recipe_sweep(config: RecipeSweepConfig) -> dict[str, Any]:
     grid = {r.name: runs(_grid_specs(r, first), r) for r in recipes if r.name in seeded}
     chosen: dict[tuple[str, str], dict[str, Any]] = {}
     for recipe in recipes:
-        if not grid.get(recipe.name):  # a diagnostic recipe (one seed): trained after the compared recipes' seeds
+        if not grid.get(recipe.name):  # a one-seed recipe (trained after the others' seeds), or none finished yet
             continue
         for variant, key in VARIANTS.items():
             chosen[recipe.name, variant] = max(grid[recipe.name], key=lambda r, key=key: r[key])  # ties: grid order

@@ -3,8 +3,8 @@
 A recipe is a set of ``SPConfig`` fields (penalty, head initialisation, BatchNorm handling); its grid
 lists the settings tried at the first seed, chosen on the validation split (a sweep's ``one_seed`` names
 the recipes it runs at the first seed only; the others run every seed at their chosen setting). Every
-recipe is reported twice: as trained (``t = 1``) and interpolated toward its start after training (WiSE-FT, ``t`` chosen
-on the validation split), from the same run.
+recipe is reported twice: as trained (``t = 1``) and interpolated toward its start after training
+(WiSE-FT, ``t`` chosen on the validation split), from the same run.
 """
 
 from __future__ import annotations

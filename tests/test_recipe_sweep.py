@@ -120,7 +120,8 @@ def test_every_recipe_setting_is_a_valid_configuration(tmp_path, name):
             is_list = isinstance(getattr(defaults, key), list)
             expected = [value] if is_list and not isinstance(value, list) else value
             assert getattr(args, key) == expected and isinstance(getattr(args, key), list) == is_list, (name, key)
-        assert RunSpec(name, tuple(sorted(setting.items())), 0).name.startswith(name)  # numbers name the runs
+        run = RunSpec(name, tuple(sorted(setting.items())), 0).name  # numbers name the runs: each one in the name
+        assert all(f"{value:g}" in run for value in setting.values()), run
 
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].glob("configs/recipes_*.yaml")))
