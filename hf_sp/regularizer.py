@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .penalties import get_penalty, get_penalty_info
+from .penalties._compiled import CompiledStep
 from .penalties._registry import sum_of_squares
 from .penalties.l2 import L2
 from .selection import ParamSplit, canonical_name
@@ -124,6 +125,9 @@ class SPRegularizer:
         fisher: diagonal Fisher per anchored parameter name, for ``l2_sp_fisher``.
         all_reduce: sums shard-local tensors across ranks (sharded engines: FSDP2, DeepSpeed); it is called
             on every rank at the same step, every :data:`FOLD_STEPS` steps and at each log and checkpoint.
+        compile: step the anchored tensors with one kernel compiled by ``torch.compile``
+            (:mod:`hf_sp.penalties._compiled`: one pass over each entry) instead of the eager kernels;
+            elementwise penalties only.
     """
 
     def __init__(
@@ -135,12 +139,15 @@ class SPRegularizer:
         mode: str = "gradient",
         fisher: Mapping[str, torch.Tensor] | None = None,
         all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        compile: bool = False,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"sp_mode={mode!r} is not one of {MODES}.")
         self.info = get_penalty_info(penalty)
         self.penalty = get_penalty(penalty)
         self.head_penalty = L2()
+        #: The one-pass compiled step of the anchored tensors (``compile=True``), else ``None`` (eager kernels).
+        self.compiled = CompiledStep(self.penalty) if compile else None
         self.alpha, self.beta, self.mode, self.split = float(alpha), float(beta), mode, split
         self.fisher = dict(fisher) if fisher is not None else None
         if self.info.needs_fisher and self.fisher is None:
@@ -329,6 +336,7 @@ class SPRegularizer:
         if self.capture_allowed:
             self._capture_all(optimizer)
         sums: tuple[list, list, list] = ([], [], [])  # alpha-free body value, head value, ||w - w0||^2
+        compiled: list[tuple[list, float]] = []  # (items, scale) of each anchored group, for the compiled step
         for group in optimizer.param_groups:
             role = group.get(ROLE_KEY)
             strength = {"anchored": self.alpha, "new": self.beta}.get(role, 0.0)
@@ -340,19 +348,24 @@ class SPRegularizer:
             if role == "anchored" and not self.info.elementwise:
                 self._check_structure(items)
             scale = -float(group["lr"]) * strength if self.mode == "decoupled" else strength
+            if role == "anchored" and self.compiled is not None:
+                compiled.append((items, scale))  # every group in one compiled call, below
+                continue
             sizes = [_local(p).numel() for _, p in items]
             for chunk in _chunks(items, sizes, CHUNK_NUMEL):
-                w = [_local(p) for _, p in chunk]
-                out = w if self.mode == "decoupled" else [_local(p.grad) for _, p in chunk]
+                w, w0, fisher, out = self._lists(optimizer, chunk, anchored=role == "anchored")
                 if role == "anchored":
-                    states = [self._state(optimizer, n, p) for n, p in chunk]
-                    w0 = [_local(s[ANCHOR_KEY]) for s in states]
-                    fisher = [_local(s[FISHER_KEY]) for s in states] if self.info.needs_fisher else None
                     value, dsq = self._accumulate(self.penalty, w, w0, fisher, out, scale)
                     sums[0].append(value)
                     sums[2].append(dsq)
                 else:
                     sums[1].append(self._accumulate(self.head_penalty, w, None, None, out, scale)[0])
+        if compiled:
+            w, w0, fisher, out = self._lists(optimizer, [item for items, _ in compiled for item in items], anchored=True)
+            groups = [g for g, (items, _) in enumerate(compiled) for _ in items]
+            value, dsq = self.compiled(w, w0, fisher, out, [scale for _, scale in compiled], groups)
+            sums[0].append(value)
+            sums[2].append(dsq)
         # One record per step on every rank, even an empty one, so that ranks fold (all-reduce) in step.
         device = next((v.device for s in sums for v in s), None) or _first_param(optimizer).device
         self._records.append(
@@ -360,6 +373,17 @@ class SPRegularizer:
         )
         if len(self._records) >= FOLD_STEPS:
             self._fold()
+
+    def _lists(self, optimizer, items, anchored: bool):
+        """``(w, w0, fisher, out)`` of ``items`` (shard-local); ``w0`` and ``fisher`` are ``None`` unless needed."""
+        w = [_local(p) for _, p in items]
+        out = w if self.mode == "decoupled" else [_local(p.grad) for _, p in items]
+        if not anchored:
+            return w, None, None, out
+        states = [self._state(optimizer, n, p) for n, p in items]
+        w0 = [_local(s[ANCHOR_KEY]) for s in states]
+        fisher = [_local(s[FISHER_KEY]) for s in states] if self.info.needs_fisher else None
+        return w, w0, fisher, out
 
     def _check_structure(self, items) -> None:
         for name, p in items:

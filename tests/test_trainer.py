@@ -86,6 +86,35 @@ def test_training_equals_the_papers_objective(tmp_path, make_model, penalty):
     assert moved > 1e-3
 
 
+@pytest.mark.parametrize("penalty", ["l2_sp", "l1_sp"])
+def test_compiled_step_trains_the_papers_objective(tmp_path, penalty, fresh_compiler):
+    """sp_compile=True: the same float64 training as the hand-written loop, through the compiled step."""
+    model, data = tiny_vit().double(), RandomImages(dtype=torch.float64)
+    expected = reference_run(model, data, penalty=penalty, alpha=0.3, beta=0.2, lr=0.05, steps=3)
+    args = make_args(tmp_path, sp_penalty=penalty, sp_alpha=0.3, sp_beta=0.2, sp_compile=True)
+    graphs = fresh_compiler()
+    trainer = SPTrainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    assert fresh_compiler() > graphs
+    for name, value in params(trainer.model).items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_compile_is_refused_for_a_group_penalty_and_a_missing_compiler_named(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="sp_compile=True needs an elementwise penalty.*group_lasso_sp"):
+        make_args(tmp_path, sp_penalty="group_lasso_sp", sp_compile=True)
+
+    from hf_sp.penalties import _compiled
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+    monkeypatch.setattr(_compiled, "_compiled_step", no_compiler)
+    args = make_args(tmp_path, sp_compile=True)
+    with pytest.raises(RuntimeError, match="sp_compile=True needs a working torch.compile.*sp_compile=False"):
+        SPTrainer(model=tiny_vit(), args=args, train_dataset=RandomImages()).train()
+
+
 def test_decoupled_mode_steps_toward_w0_beside_the_optimizer(tmp_path):
     model, data = tiny_vit(), RandomImages()
     expected = reference_run(model, data, penalty="l2_sp", alpha=0.5, beta=0.2, lr=0.05, steps=3, mode="decoupled")

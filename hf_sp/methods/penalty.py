@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from ..fisher import check_fisher, estimate_fisher, load_fisher
-from ..penalties import get_penalty_info, list_penalties
+from ..penalties import get_penalty, get_penalty_info, list_penalties
+from ..penalties._compiled import check_compiler
 from ..regularizer import MODES, MissingAnchorError, SPRegularizer
 from ..selection import INCLUDE_CHOICES
 from ._base import MethodContext, TransferMethod, register_method
@@ -65,6 +66,14 @@ class PenaltyArguments:
         metadata={
             "help": "'gradient': add the penalty's exact gradient to the loss gradient (the paper; any optimizer). "
             "'decoupled': move the weights by -lr * alpha * dOmega/dw beside the optimizer's update (AdamW-style)."
+        },
+    )
+    sp_compile: bool = field(
+        default=False,
+        metadata={
+            "help": "Step the anchored tensors with one kernel compiled by torch.compile (one pass over each entry: "
+            "about 1.3x the memory floor on CPU instead of 1.7x), for elementwise penalties; the first step "
+            "compiles (seconds to a minute). Needs inductor's compiler (a C++ compiler on CPU, Triton on GPU)."
         },
     )
     sp_fisher_path: str | None = field(
@@ -151,6 +160,11 @@ class StartingPointPenalty(TransferMethod):
                 "and sp_beta the new head (use sp_penalty='l2' for decay toward zero, or sp_penalty='none' for "
                 "plain Trainer behaviour)."
             )
+        if args.sp_compile and not get_penalty(args.sp_penalty).compilable:
+            raise ValueError(
+                f"sp_compile=True needs an elementwise penalty, and sp_penalty={args.sp_penalty!r} has no elementwise "
+                "form. Set sp_compile=False, or use l2, l2_sp, l1_sp or l2_sp_fisher."
+            )
         if info.needs_fisher and args.sp_fisher_path is None and args.sp_fisher_batches is None:
             raise ValueError(
                 f"sp_penalty={args.sp_penalty!r} needs a Fisher diagonal: set sp_fisher_path to a file written by "
@@ -183,7 +197,10 @@ class StartingPointPenalty(TransferMethod):
             mode=args.sp_mode,
             fisher=fisher if fisher is not None else ({} if info.needs_fisher else None),
             all_reduce=ctx.all_reduce_sum if ctx.sharded else None,
+            compile=args.sp_compile,
         )
+        if args.sp_compile:  # a missing compiler is reported now, not at the first step
+            check_compiler(self.regularizer.penalty, ctx.device if ctx.device is not None else "cpu")
 
     def initialize(self, ctx: MethodContext) -> None:
         reg = self.regularizer

@@ -45,6 +45,22 @@ class Penalty:
         """
         raise NotImplementedError
 
+    def terms(
+        self, w: torch.Tensor, w0: torch.Tensor | None, fisher: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The penalty entry by entry, for the compiled step (``sp_compile``): ``(dOmega/dw, omega, (w - w0)^2)``
+        with ``Omega(w) = sum omega``, all of the shape of ``w``; the third is ``None`` when ``w0`` is ``None``.
+
+        Elementwise penalties implement it beside :meth:`accumulate` (the same formula, traced by
+        ``torch.compile`` instead of run op by op); a penalty without it cannot be compiled.
+        """
+        raise NotImplementedError
+
+    @property
+    def compilable(self) -> bool:
+        """Whether the penalty has an elementwise form (:meth:`terms`) for the compiled step."""
+        return type(self).terms is not Penalty.terms
+
 
 @dataclass(frozen=True)
 class PenaltyInfo:

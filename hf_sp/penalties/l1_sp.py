@@ -27,3 +27,7 @@ class L1SP(Penalty):
             torch._foreach_sign_(d)
             torch._foreach_add_(ob, d, alpha=scale)
         return torch.stack(l1).sum(), torch.stack(l2).sum()
+
+    def terms(self, w, w0, fisher):
+        d = w - w0
+        return torch.sign(d), d.abs(), d * d

@@ -32,3 +32,6 @@ class L2(Penalty):
             torch._foreach_add_(ob, wb, alpha=scale)
         dist_sq = torch.stack(dists).sum() if w0 is not None else None
         return 0.5 * torch.stack(sq).sum(), dist_sq
+
+    def terms(self, w, w0, fisher):
+        return w, 0.5 * w * w, ((w - w0) ** 2 if w0 is not None else None)

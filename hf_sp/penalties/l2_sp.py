@@ -26,3 +26,7 @@ class L2SP(Penalty):
             torch._foreach_add_(ob, d, alpha=scale)
         dist_sq = torch.stack(sq).sum()
         return 0.5 * dist_sq, dist_sq
+
+    def terms(self, w, w0, fisher):
+        d = w - w0
+        return d, 0.5 * d * d, d * d

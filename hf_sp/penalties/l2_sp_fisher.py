@@ -30,3 +30,8 @@ class L2SPFisher(Penalty):
             values += [torch.vdot(a.reshape(-1), b.reshape(-1)) for a, b in zip(fd, d, strict=True)]
             torch._foreach_add_(ob, fd, alpha=scale)
         return 0.5 * torch.stack(values).sum(), torch.stack(sq).sum()
+
+    def terms(self, w, w0, fisher):
+        d = w - w0
+        fd = fisher * d
+        return fd, 0.5 * fd * d, d * d
