@@ -22,6 +22,7 @@ def test_dry_run_writes_every_section(tmp_path):
         assert step["sp_s"] > 0 and step["baseline_s"] > 0 and math.isfinite(step["overhead_pct"])
         pen = saved["penalty"][model]
         assert pen["anchored_numel"] > 0 and pen["step_hook_s"] > 0 and pen["autograd_loop_s"] > 0
+        assert pen["compiled_step_hook_s"] > 0 and pen["compiled_first_step_s"] > 0
     single = saved["sharded"]["single_process"]
     assert single["status"] == "ok", single
     # resumed from the mid-run checkpoint, it ends where the uninterrupted run ends; plain transformers loads it
