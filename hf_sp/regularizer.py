@@ -349,7 +349,8 @@ class SPRegularizer:
                 self._check_structure(items)
             scale = -float(group["lr"]) * strength if self.mode == "decoupled" else strength
             if role == "anchored" and self.compiled is not None:
-                compiled.append((items, scale))  # every group in one compiled call, below
+                if items:
+                    compiled.append((items, scale))  # every group in one compiled call, below
                 continue
             sizes = [_local(p).numel() for _, p in items]
             for chunk in _chunks(items, sizes, CHUNK_NUMEL):

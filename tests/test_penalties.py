@@ -160,3 +160,41 @@ def test_compiled_step_matches_formula(name, fresh_compiler):
     step(moved, w0, fisher, moved, [-0.1, -0.2], groups)
     for a, t, grad, k in zip(moved, w, expected_grads, groups, strict=True):
         torch.testing.assert_close(a, t - [0.1, 0.2][k] * grad, rtol=1e-12, atol=1e-12)
+
+
+def test_compiled_step_computes_half_precision_tensors_in_fp32(fresh_compiler):
+    """bf16 weights, fp32 anchors: the penalty is computed in fp32 (as the eager path casts), contiguous or not;
+    in bf16 itself, the sum of squares of a 400 x 400 tensor would be off by far more than fp32 rounding."""
+    from hf_sp.penalties._compiled import CompiledStep
+
+    g = torch.Generator().manual_seed(7)
+    w = [torch.randn(400, 400, generator=g).bfloat16(), torch.randn(400, 400, generator=g).bfloat16().t()]
+    w0 = [torch.zeros(400, 400), torch.zeros(400, 400).t()]
+    out = [torch.zeros_like(t) for t in w]
+    value, dist_sq = CompiledStep(get_penalty("l2"))(w, w0, None, out, [1.0], [0, 0])
+    expected = sum(0.5 * (t.double() ** 2).sum() for t in w)
+    torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(dist_sq.double(), 2 * expected, rtol=1e-5, atol=0)
+    for o, t in zip(out, w, strict=True):
+        torch.testing.assert_close(o, t)
+
+
+def test_compiled_step_past_the_recompile_limit_steps_uncompiled(fresh_compiler, caplog):
+    """A run whose set of tensors keeps changing: once the compiler gives up, the same formulas run uncompiled,
+    with a warning, and give the same result; no tensors at all give zeros."""
+    from hf_sp.penalties._compiled import CompiledStep
+
+    step = CompiledStep(get_penalty("l2_sp"))
+    w, w0, fisher = _tensors(4)
+    for n in (len(w), len(w) - 1):  # the second set of tensors needs a second graph
+        out = [torch.zeros_like(t) for t in w[:n]]
+        with torch._dynamo.config.patch(recompile_limit=1):
+            value, dist_sq = step(w[:n], w0[:n], None, out, [1.0], [0] * n)
+        expected = sum(((a - b) ** 2).sum() for a, b in zip(w[:n], w0[:n], strict=True))
+        torch.testing.assert_close(dist_sq, expected, rtol=1e-12, atol=0)
+        torch.testing.assert_close(value, 0.5 * expected, rtol=1e-12, atol=0)
+        for o, a, b in zip(out, w, w0, strict=False):
+            torch.testing.assert_close(o, a - b, rtol=1e-12, atol=0)
+    assert "compiled too many times" in caplog.text
+    value, dist_sq = step([], [], None, [], [1.0], [])
+    assert float(value) == 0.0 and float(dist_sq) == 0.0

@@ -194,3 +194,16 @@ def test_compiled_step_equals_the_eager_kernels(mode, dtype, fresh_compiler):
     assert eager_metrics.keys() == compiled_metrics.keys()
     for key, value in eager_metrics.items():
         assert compiled_metrics[key] == pytest.approx(value, rel=1e-6)
+
+
+def test_compiled_step_with_no_anchored_gradient(fresh_compiler):
+    """The whole body frozen for a while (gradual unfreezing): no anchored tensor has a gradient; the compiled
+    path logs what the eager one logs (a zero body value) instead of failing."""
+    runs = []
+    for compile in (False, True):
+        model, reg, opt = setup(compile=compile)
+        for p in model.parameters():
+            p.grad = torch.ones_like(p) if p is model.classifier.weight else None
+        opt.step()
+        runs.append(reg.pop_metrics())
+    assert runs[0] == runs[1] and runs[1]["sp_body"] == 0.0

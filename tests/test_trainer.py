@@ -87,8 +87,23 @@ def test_training_equals_the_papers_objective(tmp_path, make_model, penalty):
 
 
 @pytest.mark.parametrize("penalty", ["l2_sp", "l1_sp"])
-def test_compiled_step_trains_the_papers_objective(tmp_path, penalty, fresh_compiler):
+def test_compiled_step_trains_the_papers_objective(tmp_path, penalty, fresh_compiler, monkeypatch):
     """sp_compile=True: the same float64 training as the hand-written loop, through the compiled step."""
+    from hf_sp.penalties import _compiled
+
+    blocks_per_call = []
+    compile_step = _compiled.compile_step
+
+    def counting():
+        step = compile_step()
+
+        def counted(penalty, w, *args):
+            blocks_per_call.append(len(w))
+            return step(penalty, w, *args)
+
+        return counted
+
+    monkeypatch.setattr(_compiled, "compile_step", counting)
     model, data = tiny_vit().double(), RandomImages(dtype=torch.float64)
     expected = reference_run(model, data, penalty=penalty, alpha=0.3, beta=0.2, lr=0.05, steps=3)
     args = make_args(tmp_path, sp_penalty=penalty, sp_alpha=0.3, sp_beta=0.2, sp_compile=True)
@@ -96,6 +111,8 @@ def test_compiled_step_trains_the_papers_objective(tmp_path, penalty, fresh_comp
     trainer = SPTrainer(model=model, args=args, train_dataset=data)
     trainer.train()
     assert fresh_compiler() > graphs
+    # the compiler check runs one block; each of the 3 steps runs the anchored tensors' blocks
+    assert sum(n > 1 for n in blocks_per_call) == 3
     for name, value in params(trainer.model).items():
         torch.testing.assert_close(value, expected[name], rtol=1e-10, atol=1e-12, msg=name)
 
@@ -109,7 +126,7 @@ def test_compile_is_refused_for_a_group_penalty_and_a_missing_compiler_named(tmp
     def no_compiler(*args, **kwargs):
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
 
-    monkeypatch.setattr(_compiled, "_compiled_step", no_compiler)
+    monkeypatch.setattr(_compiled, "compile_step", lambda: no_compiler)
     args = make_args(tmp_path, sp_compile=True)
     with pytest.raises(RuntimeError, match="sp_compile=True needs a working torch.compile.*sp_compile=False"):
         SPTrainer(model=tiny_vit(), args=args, train_dataset=RandomImages()).train()

@@ -7,26 +7,36 @@ Here one compiled kernel per step covers every anchored tensor of the model: for
 
     ``d = w - w0``;  ``v_r = sum_row omega``, ``s_r = sum_row d^2``;  ``out += scale * dOmega/dw + min(|v_r| + s_r, 0)``
 
-``min(|v_r| + s_r, 0)`` is exactly 0 (``s_r`` is a sum of squares; an overflow to infinity gives 0 too; only a
-NaN in ``d``, which is in the gradient already, makes it NaN). It ties each row's update to both of that row's
+``min(|v_r| + s_r, 0)`` is exactly 0 (``s_r`` is a sum of squares; an overflow to infinity gives 0 too). Only a
+NaN weight makes it NaN, and then the whole row of ``out`` where the eager kernels make one entry NaN; either way
+the penalty's value is NaN and the divergence check stops the run (a Fisher is checked finite when it is loaded).
+It ties each row's update to both of that row's
 sums, so that the compiler emits one loop over the rows with all inner loops inside it (a sum left untied gets a
 pass of its own): a row is read from main memory once and again from the L1 cache, and each entry of ``w``,
 ``w0`` and ``out`` crosses main memory once (the 16-byte floor of ``l2_sp``), with no temporary.
 
 The formulas come from :meth:`Penalty.terms`; values and gradients equal the eager kernels' up to rounding
 (tests/test_penalties.py checks both against the formulas in float64). Opt in with ``sp_compile``: the first
-step compiles (seconds to a minute, once per model; again if the set of tensors with a gradient changes).
+step compiles (seconds to a minute, once per model; again if the set of tensors with a gradient changes). Each
+:class:`CompiledStep` compiles its own copy of the step, so that the compiler's limit on recompilations
+(``torch._dynamo.config.recompile_limit``) counts one training's graphs only; past it, the step runs uncompiled
+(the same formulas, op by op) with a warning. Tensors that are not contiguous (no row view) take that uncompiled
+step too; each device gets a compiled call of its own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import types
+from collections.abc import Callable, Sequence
 
 import torch
 
 from ._registry import Penalty, Tensors
 
 __all__ = ["ROW_NUMEL", "CompiledStep", "check_compiler"]
+
+logger = logging.getLogger(__name__)
 
 #: Entries per row (16 KiB of fp32): a row of ``w``, ``w0`` and ``out`` stays in the L1 cache between the loop
 #: that sums it and the loop that updates it.
@@ -55,10 +65,11 @@ def _fused_step(
     scales: torch.Tensor,
     groups: Sequence[int],
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The step of every row block (traced whole by ``torch.compile``); ``scales[groups[i]]`` is block i's scale.
+    """The step of every block (traced whole by ``torch.compile``); ``scales[groups[i]]`` is block i's scale.
 
-    The blocks are 2-D views made outside the graph: updating a view made inside it would make the compiler
-    write a copy of the whole tensor and copy it back.
+    A block is a view whose first dimension indexes rows (a row: the entries of the other dimensions). The
+    blocks are made outside the graph: updating a view made inside it would make the compiler write a copy of the
+    whole tensor and copy it back.
     """
     values, dists = [], []
     for i, (wi, oi) in enumerate(zip(w, out, strict=True)):
@@ -67,8 +78,9 @@ def _fused_step(
             w0[i] if w0 is not None else None,
             fisher[i] if fisher is not None else None,
         )
-        v = omega.sum(1, keepdim=True)
-        s = dist_sq.sum(1, keepdim=True) if dist_sq is not None else v
+        row = tuple(range(1, omega.dim()))
+        v = omega.sum(row, keepdim=True)
+        s = dist_sq.sum(row, keepdim=True) if dist_sq is not None else v
         oi.add_((grad * scales[groups[i]] + (v.abs() + s).clamp(max=0)).to(oi.dtype))
         values.append(v.sum())
         if dist_sq is not None:
@@ -76,15 +88,18 @@ def _fused_step(
     return torch.stack(values).sum(), (torch.stack(dists).sum() if dist_sq is not None else None)
 
 
-_compiled_step = torch.compile(_fused_step, fullgraph=True, dynamic=False)
+def compile_step() -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
+    """:func:`_fused_step` compiled, from a code object of its own (its own cache and recompile count)."""
+    code = _fused_step.__code__.replace()
+    fn = types.FunctionType(code, _fused_step.__globals__, _fused_step.__name__, _fused_step.__defaults__)
+    return torch.compile(fn, fullgraph=True, dynamic=False)
 
 
 class CompiledStep:
     """``penalty``'s step over many tensors, each with the scale of its group, in one compiled kernel.
 
     Calling it returns ``(Omega(w), ||w - w0||^2)`` summed over the tensors, as :meth:`Penalty.accumulate`
-    does, after adding ``scales[groups[i]] * dOmega/dw_i`` to ``out[i]`` (``out`` may alias ``w``). Tensors
-    that are not contiguous take the eager kernel.
+    does, after adding ``scales[groups[i]] * dOmega/dw_i`` to ``out[i]`` (``out`` may alias ``w``).
     """
 
     def __init__(self, penalty: Penalty) -> None:
@@ -94,6 +109,21 @@ class CompiledStep:
                 "Set sp_compile=False, or use an elementwise penalty (l2, l2_sp, l1_sp, l2_sp_fisher)."
             )
         self.penalty = penalty
+        self._step: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] = compile_step()
+        self._scales: dict[tuple[torch.device, torch.dtype, tuple[float, ...]], torch.Tensor] = {}
+
+    def _scale_tensor(self, scales: Sequence[float], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (device, dtype, tuple(scales))
+        if key not in self._scales:  # one host-to-device copy per new set of scales, not per step
+            self._scales = {key: torch.tensor(list(scales), dtype=dtype, device=device)}
+        return self._scales[key]
+
+    def _run(self, step, lists, scales, groups, has_w0, has_fisher):
+        w, out = lists[0], lists[-1]
+        t = self._scale_tensor(scales, w[0].device, torch.promote_types(w[0].dtype, torch.float32))
+        return step(
+            self.penalty, w, lists[1] if has_w0 else None, lists[-2] if has_fisher else None, out, t, groups
+        )
 
     def __call__(
         self,
@@ -105,30 +135,45 @@ class CompiledStep:
         groups: Sequence[int],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         lists = [t for t in (w, w0, fisher, out) if t is not None]
-        blocks: list[list[torch.Tensor]] = [[] for _ in lists]
-        block_groups: list[int] = []
-        results = []
+        flags = (w0 is not None, fisher is not None)
+        by_device: dict[torch.device, tuple[list[list[torch.Tensor]], list[int]]] = {}
+        loose: tuple[list[list[torch.Tensor]], list[int]] = ([[] for _ in lists], [])
         for i in range(len(w)):
             tensors = [t[i] for t in lists]
             if all(t.is_contiguous() for t in tensors):
+                blocks, block_groups = by_device.setdefault(w[i].device, ([[] for _ in lists], []))
                 rows = [_rows(t) for t in tensors]
-                for acc, r in zip(blocks, rows, strict=True):
-                    acc += r
                 block_groups += [groups[i]] * len(rows[0])
-            else:  # eager, this tensor alone
-                one = [[t] for t in tensors]
-                w0_one = one[1] if w0 is not None else None
-                fisher_one = one[-2] if fisher is not None else None
-                results.append(self.penalty.accumulate(one[0], w0_one, fisher_one, one[-1], scales[groups[i]]))
-        if block_groups:
-            dtype = torch.promote_types(w[0].dtype, torch.float32)
-            scale_t = torch.tensor(list(scales), dtype=dtype, device=w[0].device)
-            bw0 = blocks[1] if w0 is not None else None
-            bfisher = blocks[-2] if fisher is not None else None
-            results.append(_compiled_step(self.penalty, blocks[0], bw0, bfisher, blocks[-1], scale_t, block_groups))
+            else:  # no row view: the whole tensor as one row, uncompiled
+                (blocks, block_groups), rows = loose, [[t.unsqueeze(0)] for t in tensors]
+                block_groups.append(groups[i])
+            for acc, r in zip(blocks, rows, strict=True):
+                acc += r
+        results = []
+        for blocks, block_groups in by_device.values():
+            if block_groups:
+                results.append(self._run(self._compiled, blocks, scales, block_groups, *flags))
+        if loose[1]:
+            results.append(self._run(_fused_step, loose[0], scales, loose[1], *flags))
+        if not results:  # no tensor, or only empty ones
+            zero = torch.zeros((), device=w[0].device if w else None)
+            return zero, (zero if w0 is not None else None)
         value = torch.stack([r[0] for r in results]).sum()
         dist_sq = torch.stack([r[1] for r in results]).sum() if w0 is not None else None
         return value, dist_sq
+
+    def _compiled(self, *args):
+        """The compiled step; past the compiler's recompile limit, the uncompiled one from then on."""
+        if self._step is not _fused_step:
+            try:
+                return self._step(*args)
+            except torch._dynamo.exc.FailOnRecompileLimitHit:
+                logger.warning(
+                    "sp_compile: the penalty's step was compiled too many times (the set of tensors with a gradient "
+                    "keeps changing; torch._dynamo.config.recompile_limit): the rest of the run steps uncompiled."
+                )
+                self._step = _fused_step
+        return _fused_step(*args)
 
 
 def check_compiler(penalty: Penalty, device: torch.device | str = "cpu") -> None:
