@@ -667,7 +667,8 @@ def _penalty_for_model(name: str, cfg: BenchmarkConfig) -> dict[str, Any]:
     }
     for fn in methods.values():  # warm-up
         fn()
-    reg.pop_metrics(), compiled_reg.pop_metrics()  # the windows hold the timed steps only (same count for both)
+    reg.pop_metrics()  # the windows hold the timed steps only (the same count for both)
+    compiled_reg.pop_metrics()
     times: dict[str, list[float]] = {k: [] for k in methods}
     for _ in range(cfg.penalty_iters):  # interleaved
         for key, fn in methods.items():

@@ -197,7 +197,8 @@ def penalty_times(plan: dict[str, Any], device: torch.device) -> dict[str, Any]:
         hook_s = _time(optimizer.step, device, plan["penalty_iters"])
         compiled_s = _time(compiled_optimizer.step, device, plan["penalty_iters"])
         loop_s = _time(loop, device, plan["penalty_iters"])
-        reg.pop_metrics(), compiled_reg.pop_metrics()
+        reg.pop_metrics()
+        compiled_reg.pop_metrics()
         entries = sum(p.numel() for p in anchored)
         floor_s = FLOOR_BYTES_PER_ENTRY * entries / bandwidth
         out[name] = {

@@ -10,10 +10,10 @@ Here one compiled kernel per step covers every anchored tensor of the model: for
 ``min(|v_r| + s_r, 0)`` is exactly 0 (``s_r`` is a sum of squares; an overflow to infinity gives 0 too). Only a
 NaN weight makes it NaN, and then the whole row of ``out`` where the eager kernels make one entry NaN; either way
 the penalty's value is NaN and the divergence check stops the run (a Fisher is checked finite when it is loaded).
-It ties each row's update to both of that row's
-sums, so that the compiler emits one loop over the rows with all inner loops inside it (a sum left untied gets a
-pass of its own): a row is read from main memory once and again from the L1 cache, and each entry of ``w``,
-``w0`` and ``out`` crosses main memory once (the 16-byte floor of ``l2_sp``), with no temporary.
+It ties each row's update to both of that row's sums, so that the compiler emits one loop over the rows with all
+inner loops inside it (a sum left untied gets a pass of its own): a row is read from main memory once and again
+from the L1 cache, and each entry of ``w``, ``w0`` and ``out`` crosses main memory once (the 16-byte floor of
+``l2_sp``), with no temporary.
 
 The formulas come from :meth:`Penalty.terms`; values and gradients equal the eager kernels' up to rounding
 (tests/test_penalties.py checks both against the formulas in float64). Opt in with ``sp_compile``: the first
@@ -85,7 +85,7 @@ def _fused_step(
         values.append(v.sum())
         if dist_sq is not None:
             dists.append(s.sum())
-    return torch.stack(values).sum(), (torch.stack(dists).sum() if dist_sq is not None else None)
+    return torch.stack(values).sum(), (torch.stack(dists).sum() if w0 is not None else None)
 
 
 def compile_step() -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
@@ -118,12 +118,10 @@ class CompiledStep:
             self._scales = {key: torch.tensor(list(scales), dtype=dtype, device=device)}
         return self._scales[key]
 
-    def _run(self, step, lists, scales, groups, has_w0, has_fisher):
-        w, out = lists[0], lists[-1]
+    def _run(self, step, blocks: dict[str, Tensors], scales: Sequence[float], groups: list[int]):
+        w = blocks["w"]
         t = self._scale_tensor(scales, w[0].device, torch.promote_types(w[0].dtype, torch.float32))
-        return step(
-            self.penalty, w, lists[1] if has_w0 else None, lists[-2] if has_fisher else None, out, t, groups
-        )
+        return step(self.penalty, w, blocks.get("w0"), blocks.get("fisher"), blocks["out"], t, groups)
 
     def __call__(
         self,
@@ -134,27 +132,26 @@ class CompiledStep:
         scales: Sequence[float],
         groups: Sequence[int],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        lists = [t for t in (w, w0, fisher, out) if t is not None]
-        flags = (w0 is not None, fisher is not None)
-        by_device: dict[torch.device, tuple[list[list[torch.Tensor]], list[int]]] = {}
-        loose: tuple[list[list[torch.Tensor]], list[int]] = ([[] for _ in lists], [])
+        lists = {k: v for k, v in {"w": w, "w0": w0, "fisher": fisher, "out": out}.items() if v is not None}
+        by_device: dict[torch.device, tuple[dict[str, Tensors], list[int]]] = {}
+        loose: tuple[dict[str, Tensors], list[int]] = ({k: [] for k in lists}, [])
         for i in range(len(w)):
-            tensors = [t[i] for t in lists]
-            if all(t.is_contiguous() for t in tensors):
-                blocks, block_groups = by_device.setdefault(w[i].device, ([[] for _ in lists], []))
-                rows = [_rows(t) for t in tensors]
-                block_groups += [groups[i]] * len(rows[0])
+            tensors = {k: v[i] for k, v in lists.items()}
+            if all(t.is_contiguous() for t in tensors.values()):
+                blocks, block_groups = by_device.setdefault(w[i].device, ({k: [] for k in lists}, []))
+                rows = {k: _rows(t) for k, t in tensors.items()}
             else:  # no row view: the whole tensor as one row, uncompiled
-                (blocks, block_groups), rows = loose, [[t.unsqueeze(0)] for t in tensors]
-                block_groups.append(groups[i])
-            for acc, r in zip(blocks, rows, strict=True):
-                acc += r
-        results = []
-        for blocks, block_groups in by_device.values():
-            if block_groups:
-                results.append(self._run(self._compiled, blocks, scales, block_groups, *flags))
+                (blocks, block_groups), rows = loose, {k: [t.unsqueeze(0)] for k, t in tensors.items()}
+            block_groups += [groups[i]] * len(rows["w"])
+            for k, r in rows.items():
+                blocks[k] += r
+        results = [
+            self._run(self._compiled, blocks, scales, block_groups)
+            for blocks, block_groups in by_device.values()
+            if block_groups
+        ]
         if loose[1]:
-            results.append(self._run(_fused_step, loose[0], scales, loose[1], *flags))
+            results.append(self._run(_fused_step, loose[0], scales, loose[1]))
         if not results:  # no tensor, or only empty ones
             zero = torch.zeros((), device=w[0].device if w else None)
             return zero, (zero if w0 is not None else None)
