@@ -645,6 +645,16 @@ def _penalty_for_model(name: str, cfg: BenchmarkConfig) -> dict[str, Any]:
         loss = sum(0.5 * torch.norm(p - p0) ** 2 for p, p0 in zip(anchored, anchors, strict=True))
         loss.backward()
 
+    scratch = [t.clone() for t in grads]
+
+    @torch.no_grad()
+    def inplace_op() -> None:
+        """One PyTorch in-place op per tensor that moves the floor's bytes: read w, w0 and a gradient-sized
+        buffer, write the buffer (``addcmul_``). Unlike the bandwidth kernel's output, the buffer is read first,
+        so the caches' write-allocate reads cost nothing extra: a floor the hardware reaches."""
+        for o, a, b in zip(scratch, anchored, anchors, strict=True):
+            o.addcmul_(a, b, value=1e-3)
+
     # Same gradient (alpha = 1): the loop and hf_sp's kernel add w - w0 to the gradient.
     start = [t.clone() for t in grads]
     accumulate()
@@ -664,6 +674,7 @@ def _penalty_for_model(name: str, cfg: BenchmarkConfig) -> dict[str, Any]:
         "l2_sp_accumulate": accumulate,
         "whole_tensor_kernel": whole_tensors,
         "autograd_loop": autograd_loop,
+        "inplace_op": inplace_op,
     }
     for fn in methods.values():  # warm-up
         fn()
@@ -1048,11 +1059,11 @@ def render_markdown(result: dict[str, Any]) -> str:
             "",
             "| model | anchored entries | bandwidth | floor | hf_sp step hook (`optimizer.step()`) "
             "| step hook, `sp_compile` (first step) "
-            "| `l2_sp.accumulate` | whole-tensor kernel (before) | autograd loop "
+            "| `l2_sp.accumulate` | whole-tensor kernel (before) | autograd loop | one in-place op, same bytes "
             "| speed-up vs loop (step hook) | best of N: step hook / loop (x best floor), speed-up "
             f"| same gradient | target >= {TARGETS['penalty_speedup_vs_loop']:g}x "
             f"| target <= {TARGETS['penalty_x_floor']:g}x floor |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
         ]
         for model, r in pen.items():
             m = r["methods"]
@@ -1065,7 +1076,7 @@ def render_markdown(result: dict[str, Any]) -> str:
                 f"| {r['floor_s'] * 1e3:.1f} ms "
                 f"| {cell('hf_sp_pre_step')} | {cell('hf_sp_pre_step_compiled')} ({r['compiled_first_step_s']:.0f} s) "
                 f"| {cell('l2_sp_accumulate')} | {cell('whole_tensor_kernel')} "
-                f"| {cell('autograd_loop')} "
+                f"| {cell('autograd_loop')} | {cell('inplace_op') if 'inplace_op' in m else '-'} "
                 f"| {r['speedup_vs_loop']['hf_sp_pre_step']:.2f}x "
                 f"| {m['hf_sp_pre_step']['best_x_best_floor']:.2f}x / {m['autograd_loop']['best_x_best_floor']:.2f}x, "
                 f"{r['speedup_vs_loop_best_times']['hf_sp_pre_step']:.2f}x | {_yes(r['grad_allclose'])} "
@@ -1080,7 +1091,11 @@ def render_markdown(result: dict[str, Any]) -> str:
             "whole-tensor kernel is the previous one (`w - w0` over whole tensors, then its norm, then the add); "
             "`sp_compile` is the same step hook with the one-pass kernel compiled by `torch.compile` "
             "(hf_sp.penalties._compiled), on its own anchors, timed after its first (compiling) step. "
-            "The loop is `sum(0.5 * torch.norm(p - p0) ** 2 ...).backward()`.",
+            "The loop is `sum(0.5 * torch.norm(p - p0) ** 2 ...).backward()`. The in-place op is "
+            "`o.addcmul_(w, w0)` per anchored tensor: it moves the floor's 16 bytes per entry in one PyTorch op. "
+            "It can run under 1x the floor, because the bandwidth kernel's output is written without being read, "
+            "and the caches read each line of it first (write-allocate: 16 bytes move where 12 are counted), so the "
+            "floor is conservative; a kernel that reads what it writes does not pay that read.",
             "",
         ]
     fisher = result.get("fisher")

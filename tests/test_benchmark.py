@@ -81,7 +81,7 @@ def test_quick_benchmark_writes_all_sections(tmp_path):
         assert _positive(pen["floor_s"]) and pen["anchored_numel"] > 0
         assert _positive(pen["bandwidth"]["GB_per_s"])
         for method in ("hf_sp_pre_step", "hf_sp_pre_step_compiled", "l2_sp_accumulate", "whole_tensor_kernel",
-                       "autograd_loop"):
+                       "autograd_loop", "inplace_op"):
             assert _positive(pen["methods"][method]["median_s"])
         # the compiled step logs the eager step's values (both fp32 sums over the same entries)
         assert pen["compiled_value_rel_diff"] < 1e-5 and _positive(pen["compiled_first_step_s"])

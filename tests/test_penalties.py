@@ -130,13 +130,12 @@ def test_only_elementwise_penalties_compile():
 @pytest.mark.parametrize("name", COMPILABLE)
 def test_compiled_step_matches_formula(name, fresh_compiler):
     """The one-pass compiled step (sp_compile) against the formula in float64: two groups of different scales,
-    tensors split into rows with a shorter last row, one tensor not contiguous (the eager kernel's), and the
-    decoupled form (``out`` is ``w``)."""
+    one tensor not contiguous, and the decoupled form (``out`` is ``w``)."""
     from hf_sp.penalties._compiled import CompiledStep
 
     w, w0, fisher = _tensors()
     g = torch.Generator().manual_seed(5)
-    w.append(torch.randn(3, 7, generator=g, dtype=torch.float64))  # 21 entries: 2 rows of 8 and one of 5
+    w.append(torch.randn(3, 7, generator=g, dtype=torch.float64))
     w0.append(torch.randn(3, 7, generator=g, dtype=torch.float64))
     fisher.append(torch.rand(3, 7, generator=g, dtype=torch.float64))
     w[1] = w[1].t().contiguous().t()  # not contiguous
@@ -160,6 +159,29 @@ def test_compiled_step_matches_formula(name, fresh_compiler):
     step(moved, w0, fisher, moved, [-0.1, -0.2], groups)
     for a, t, grad, k in zip(moved, w, expected_grads, groups, strict=True):
         torch.testing.assert_close(a, t - [0.1, 0.2][k] * grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", COMPILABLE)
+@pytest.mark.parametrize(
+    ("dtype", "decoupled"), [(torch.float32, False), (torch.bfloat16, True)], ids=["fp32-gradient", "bf16-decoupled"]
+)
+def test_compiled_step_is_one_loop_per_tensor(name, dtype, decoupled, fresh_compiler):
+    """The compiler emits one loop per tensor (update and both sums in it), for 40 tensors: more than 31, where
+    ``torch.stack`` of the sums would split every tensor's loop in two, as inductor's default settings do too."""
+    from torch._inductor import metrics
+
+    from hf_sp.penalties._compiled import CompiledStep
+
+    g = torch.Generator().manual_seed(3)
+    n = 40
+    w = [torch.randn(4, 8, 3, generator=g).to(dtype) for _ in range(n)]
+    w0 = [torch.randn(4, 8, 3, generator=g) for _ in range(n)]
+    fisher = [torch.rand(4, 8, 3, generator=g) for _ in range(n)]
+    out = w if decoupled else [torch.zeros_like(t) for t in w]
+    metrics.reset()
+    CompiledStep(get_penalty(name))(w, w0, fisher, out, [0.1], [0] * n)
+    # One loop a tensor, and at most two more for the totals (the compiled code counts its loops when generated).
+    assert n <= metrics.generated_kernel_count <= n + 2
 
 
 def test_compiled_step_computes_half_precision_tensors_in_fp32(fresh_compiler):

@@ -2,26 +2,26 @@
 
 The eager kernels (:meth:`Penalty.accumulate`) need one PyTorch op per term (``w - w0``, its square sum, the add
 into ``out``); cache blocking keeps their temporaries out of main memory, but each op is still a pass of its own.
-Here one compiled kernel per step covers every anchored tensor of the model: for each tensor, viewed as rows of
-:data:`ROW_NUMEL` entries,
+Here one compiled call per step covers every anchored tensor of the model, and for each tensor the compiler emits
+one loop that reads ``w``, ``w0`` (and the Fisher) and ``out`` once, adds ``scale * dOmega/dw`` to ``out`` and
+accumulates ``Omega`` and ``||w - w0||^2`` in registers: each entry crosses main memory once (16 bytes for
+``l2_sp``: read ``w``, ``w0``, ``out``; write ``out``), with no temporary.
 
-    ``d = w - w0``;  ``v_r = sum_row omega``, ``s_r = sum_row d^2``;  ``out += scale * dOmega/dw + min(|v_r| + s_r, 0)``
-
-``min(|v_r| + s_r, 0)`` is exactly 0 (``s_r`` is a sum of squares; an overflow to infinity gives 0 too). Only a
-NaN weight makes it NaN, and then the whole row of ``out`` where the eager kernels make one entry NaN; either way
-the penalty's value is NaN and the divergence check stops the run (a Fisher is checked finite when it is loaded).
-It ties each row's update to both of that row's sums, so that the compiler emits one loop over the rows with all
-inner loops inside it (a sum left untied gets a pass of its own): a row is read from main memory once and again
-from the L1 cache, and each entry of ``w``, ``w0`` and ``out`` crosses main memory once (the 16-byte floor of
-``l2_sp``), with no temporary.
+That one loop comes from :data:`INDUCTOR_OPTIONS` and two details of :func:`_fused_step`. With its default
+``realize_reads_threshold`` inductor inlines ``w - w0`` into each of its readers (the update and the sums) and
+emits the sums' loop and the in-place update's loop one after the other: two passes over memory. With a threshold
+of 0 it makes ``w - w0`` a buffer of its own, then fuses the buffer's producer with all its readers into one loop
+and drops the buffer (nothing outside the loop reads it). Terms that read ``w`` itself (``l2``'s) have no such
+intermediate, so the step gives them one, the identity ``fmax(w, w)``. And the
+per-tensor sums are added one by one: ``torch.stack`` of 32 or more of them is lowered to a concatenation buffer,
+which keeps the sums out of their tensors' loops. tests/test_penalties.py counts the loops the compiler emits.
 
 The formulas come from :meth:`Penalty.terms`; values and gradients equal the eager kernels' up to rounding
 (tests/test_penalties.py checks both against the formulas in float64). Opt in with ``sp_compile``: the first
 step compiles (seconds to a minute, once per model; again if the set of tensors with a gradient changes). Each
 :class:`CompiledStep` compiles its own copy of the step, so that the compiler's limit on recompilations
 (``torch._dynamo.config.recompile_limit``) counts one training's graphs only; past it, the step runs uncompiled
-(the same formulas, op by op) with a warning. Tensors that are not contiguous (no row view) take that uncompiled
-step too; each device gets a compiled call of its own.
+(the same formulas, op by op) with a warning. Each device gets a compiled call of its own.
 """
 
 from __future__ import annotations
@@ -34,26 +34,22 @@ import torch
 
 from ._registry import Penalty, Tensors
 
-__all__ = ["ROW_NUMEL", "CompiledStep", "check_compiler"]
+__all__ = ["INDUCTOR_OPTIONS", "CompiledStep", "check_compiler"]
 
 logger = logging.getLogger(__name__)
 
-#: Entries per row (16 KiB of fp32): a row of ``w``, ``w0`` and ``out`` stays in the L1 cache between the loop
-#: that sums it and the loop that updates it.
-ROW_NUMEL = 1 << 12
+#: Inductor settings of the compiled step (module docstring): ``w - w0`` is realized, so that its producer and its
+#: readers (the update of ``out`` and the sums) fuse into one loop over each tensor.
+INDUCTOR_OPTIONS = {"realize_reads_threshold": 0}
 
 
-def _rows(t: torch.Tensor) -> list[torch.Tensor]:
-    """Views of contiguous ``t`` as ``(n // ROW_NUMEL, ROW_NUMEL)`` rows and a ``(1, rest)`` row."""
-    n = t.numel()
-    if n % ROW_NUMEL == 0 and n:
-        return [t.view(-1, ROW_NUMEL)]
-    flat = t.view(-1)
-    cut = n - n % ROW_NUMEL
-    parts = [flat[:cut].view(-1, ROW_NUMEL)] if cut else []
-    if cut < n:
-        parts.append(flat[cut:].view(1, -1))
-    return parts
+def _total(sums: Tensors) -> torch.Tensor:
+    """``sum(sums)`` of 0-dim tensors as a chain of additions (``torch.stack`` of 32 or more would keep each sum out of
+    its tensor's loop: module docstring)."""
+    total = sums[0]
+    for s in sums[1:]:
+        total = total + s
+    return total
 
 
 def _fused_step(
@@ -65,38 +61,36 @@ def _fused_step(
     scales: torch.Tensor,
     groups: Sequence[int],
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The step of every block (traced whole by ``torch.compile``); ``scales[groups[i]]`` is block i's scale.
+    """The step of every tensor (traced whole by ``torch.compile``); ``scales[groups[i]]`` is tensor i's scale.
 
-    A block is a view whose first dimension indexes rows (a row: the entries of the other dimensions). The
-    blocks are made outside the graph: updating a view made inside it would make the compiler write a copy of the
-    whole tensor and copy it back.
+    Half-precision tensors are computed in fp32, and the update is rounded to ``out``'s dtype before it is added,
+    as the eager path does.
     """
     values, dists = [], []
     for i, (wi, oi) in enumerate(zip(w, out, strict=True)):
+        wi = wi.to(torch.promote_types(wi.dtype, torch.float32))
+        wi = torch.maximum(wi, wi)  # = w: an intermediate for the terms that read w itself (module docstring)
         grad, omega, dist_sq = penalty.terms(
-            wi.to(torch.promote_types(wi.dtype, torch.float32)),
+            wi,
             w0[i] if w0 is not None else None,
             fisher[i] if fisher is not None else None,
         )
-        row = tuple(range(1, omega.dim()))
-        v = omega.sum(row, keepdim=True)
-        s = dist_sq.sum(row, keepdim=True) if dist_sq is not None else v
-        oi.add_((grad * scales[groups[i]] + (v.abs() + s).clamp(max=0)).to(oi.dtype))
-        values.append(v.sum())
+        oi.add_((grad * scales[groups[i]]).to(oi.dtype))
+        values.append(omega.sum())
         if dist_sq is not None:
-            dists.append(s.sum())
-    return torch.stack(values).sum(), (torch.stack(dists).sum() if w0 is not None else None)
+            dists.append(dist_sq.sum())
+    return _total(values), (_total(dists) if w0 is not None else None)
 
 
 def compile_step() -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
     """:func:`_fused_step` compiled, from a code object of its own (its own cache and recompile count)."""
     code = _fused_step.__code__.replace()
     fn = types.FunctionType(code, _fused_step.__globals__, _fused_step.__name__, _fused_step.__defaults__)
-    return torch.compile(fn, fullgraph=True, dynamic=False)
+    return torch.compile(fn, fullgraph=True, dynamic=False, options=dict(INDUCTOR_OPTIONS))
 
 
 class CompiledStep:
-    """``penalty``'s step over many tensors, each with the scale of its group, in one compiled kernel.
+    """``penalty``'s step over many tensors, each with the scale of its group, in one compiled call (one loop a tensor).
 
     Calling it returns ``(Omega(w), ||w - w0||^2)`` summed over the tensors, as :meth:`Penalty.accumulate`
     does, after adding ``scales[groups[i]] * dOmega/dw_i`` to ``out[i]`` (``out`` may alias ``w``).
@@ -118,10 +112,10 @@ class CompiledStep:
             self._scales = {key: torch.tensor(list(scales), dtype=dtype, device=device)}
         return self._scales[key]
 
-    def _run(self, step, blocks: dict[str, Tensors], scales: Sequence[float], groups: list[int]):
-        w = blocks["w"]
+    def _run(self, tensors: dict[str, Tensors], scales: Sequence[float], groups: list[int]):
+        w = tensors["w"]
         t = self._scale_tensor(scales, w[0].device, torch.promote_types(w[0].dtype, torch.float32))
-        return step(self.penalty, w, blocks.get("w0"), blocks.get("fisher"), blocks["out"], t, groups)
+        return self._compiled(self.penalty, w, tensors.get("w0"), tensors.get("fisher"), tensors["out"], t, groups)
 
     def __call__(
         self,
@@ -134,24 +128,13 @@ class CompiledStep:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         lists = {k: v for k, v in {"w": w, "w0": w0, "fisher": fisher, "out": out}.items() if v is not None}
         by_device: dict[torch.device, tuple[dict[str, Tensors], list[int]]] = {}
-        loose: tuple[dict[str, Tensors], list[int]] = ({k: [] for k in lists}, [])
         for i in range(len(w)):
-            tensors = {k: v[i] for k, v in lists.items()}
-            if all(t.is_contiguous() for t in tensors.values()):
-                blocks, block_groups = by_device.setdefault(w[i].device, ({k: [] for k in lists}, []))
-                rows = {k: _rows(t) for k, t in tensors.items()}
-            else:  # no row view: the whole tensor as one row, uncompiled
-                (blocks, block_groups), rows = loose, {k: [t.unsqueeze(0)] for k, t in tensors.items()}
-            block_groups += [groups[i]] * len(rows["w"])
-            for k, r in rows.items():
-                blocks[k] += r
-        results = [
-            self._run(self._compiled, blocks, scales, block_groups)
-            for blocks, block_groups in by_device.values()
-            if block_groups
-        ]
-        if loose[1]:
-            results.append(self._run(_fused_step, loose[0], scales, loose[1]))
+            if w[i].numel():
+                tensors, device_groups = by_device.setdefault(w[i].device, ({k: [] for k in lists}, []))
+                device_groups.append(groups[i])
+                for k, v in lists.items():
+                    tensors[k].append(v[i])
+        results = [self._run(tensors, scales, device_groups) for tensors, device_groups in by_device.values()]
         if not results:  # no tensor, or only empty ones
             zero = torch.zeros((), device=w[0].device if w else None)
             return zero, (zero if w0 is not None else None)
