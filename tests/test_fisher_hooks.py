@@ -112,14 +112,16 @@ def test_hooks_match_the_loop_for_every_rule(model, x):
 
 @pytest.mark.parametrize("branch", ["pairs", "materialize"])
 @pytest.mark.parametrize("length", [1, 3, 7])
-def test_outer_square_sums_both_branches(monkeypatch, branch, length):
-    """sum_{s,b} w (sum_l g x^T)^2 by the Gram-matrix pairs and by materialized per-sample gradients."""
+@pytest.mark.parametrize("block", [50, 130, 10**6], ids=["slot-by-slot", "two-slots", "one-chunk"])
+def test_outer_square_sums_both_branches(monkeypatch, branch, length, block):
+    """sum_{s,b} w (sum_l g x^T)^2 by the Gram-matrix pairs and by materialized per-sample gradients, in chunks of
+    one slot and sample, of two slots, and in one chunk (a per-sample gradient is 60 floats here)."""
     g_ = torch.Generator().manual_seed(length)
     x = torch.randn(3, length, 2, 5, dtype=torch.float64, generator=g_)
     g = torch.randn(4, 3, length, 2, 6, dtype=torch.float64, generator=g_)
     w = torch.rand(4, 3, dtype=torch.float64, generator=g_)
     monkeypatch.setattr(_per_sample, "_MATERIALIZE_PASSES", 10**6 if branch == "pairs" else -(10**6))
-    monkeypatch.setattr(_per_sample, "BLOCK", 50)  # several chunks
+    monkeypatch.setattr(_per_sample, "BLOCK", block)
     expected = torch.zeros(2, 6, 5, dtype=torch.float64)
     for s in range(4):
         for b in range(3):
