@@ -275,12 +275,13 @@ class SPRegularizer:
                 f"Fisher entry {name!r} has shape {tuple(fisher.shape)}, the parameter {tuple(p.shape)}: it was "
                 "estimated for another model. Re-estimate it with hf_sp.estimate_fisher on this model."
             )
-        fisher = fisher.to(device=_local(p).device, dtype=_compute_dtype(p.dtype))
         if hasattr(p, "device_mesh"):
             from torch.distributed.tensor import distribute_tensor
 
-            fisher = distribute_tensor(fisher, p.device_mesh, p.placements)
-        return fisher
+            fisher = fisher.to(device=_local(p).device, dtype=_compute_dtype(p.dtype))
+            return distribute_tensor(fisher, p.device_mesh, p.placements)
+        # The parameter's memory layout (channels_last, say), as the anchor has: one loop for sp_compile.
+        return torch.empty_like(p, dtype=_compute_dtype(p.dtype)).copy_(fisher)
 
     def _state(self, optimizer, name, p) -> dict[str, torch.Tensor]:
         if p in self._parked:

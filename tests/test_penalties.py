@@ -201,6 +201,18 @@ def test_compiled_step_computes_half_precision_tensors_in_fp32(fresh_compiler):
         torch.testing.assert_close(o, t)
 
 
+def test_compiled_step_scales_float64_tensors_in_float64(fresh_compiler):
+    """An fp32 tensor before an fp64 one in the same call: the fp64 tensor's scale is not rounded to fp32."""
+    from hf_sp.penalties._compiled import CompiledStep
+
+    g = torch.Generator().manual_seed(11)
+    w = [torch.randn(5, generator=g), torch.randn(5, generator=g, dtype=torch.float64)]
+    w0 = [torch.zeros(5), torch.zeros(5, dtype=torch.float64)]
+    out = [torch.zeros_like(t) for t in w]
+    CompiledStep(get_penalty("l2_sp"))(w, w0, None, out, [1.3], [0, 0])
+    torch.testing.assert_close(out[1], 1.3 * w[1], rtol=1e-15, atol=0)
+
+
 def test_compiled_step_past_the_recompile_limit_steps_uncompiled(fresh_compiler, caplog):
     """A run whose set of tensors keeps changing: once the compiler gives up, the same formulas run uncompiled,
     with a warning, and give the same result; no tensors at all give zeros."""

@@ -3,7 +3,7 @@
 The eager kernels (:meth:`Penalty.accumulate`) need one PyTorch op per term (``w - w0``, its square sum, the add
 into ``out``); cache blocking keeps their temporaries out of main memory, but each op is still a pass of its own.
 Here one compiled call per step covers every anchored tensor of the model, and for each tensor the compiler emits
-one loop that reads ``w``, ``w0`` (and the Fisher) and ``out`` once, adds ``scale * dOmega/dw`` to ``out`` and
+one loop that reads ``w``, ``w0`` (and the Fisher) and ``out`` once (when they share a memory layout), adds ``scale * dOmega/dw`` to ``out`` and
 accumulates ``Omega`` and ``||w - w0||^2`` in registers: each entry crosses main memory once (16 bytes for
 ``l2_sp``: read ``w``, ``w0``, ``out``; write ``out``), with no temporary.
 
@@ -12,7 +12,7 @@ That one loop comes from :data:`INDUCTOR_OPTIONS` and two details of :func:`_fus
 emits the sums' loop and the in-place update's loop one after the other: two passes over memory. With a threshold
 of 0 it makes ``w - w0`` a buffer of its own, then fuses the buffer's producer with all its readers into one loop
 and drops the buffer (nothing outside the loop reads it). Terms that read ``w`` itself (``l2``'s) have no such
-intermediate, so the step gives them one, the identity ``fmax(w, w)``. And the
+intermediate, so the step gives them one, the identity ``maximum(w, w)``. And the
 per-tensor sums are added one by one: ``torch.stack`` of 32 or more of them is lowered to a concatenation buffer,
 which keeps the sums out of their tensors' loops. tests/test_penalties.py counts the loops the compiler emits.
 
@@ -26,6 +26,7 @@ step compiles (seconds to a minute, once per model; again if the set of tensors 
 
 from __future__ import annotations
 
+import functools
 import logging
 import types
 from collections.abc import Callable, Sequence
@@ -39,8 +40,10 @@ __all__ = ["INDUCTOR_OPTIONS", "CompiledStep", "check_compiler"]
 logger = logging.getLogger(__name__)
 
 #: Inductor settings of the compiled step (module docstring): ``w - w0`` is realized, so that its producer and its
-#: readers (the update of ``out`` and the sums) fuse into one loop over each tensor.
-INDUCTOR_OPTIONS = {"realize_reads_threshold": 0}
+#: readers (the update of ``out`` and the sums) fuse into one loop over each tensor; and the update of a
+#: half-precision ``out`` is rounded to its dtype before it is added, as the eager path does (inductor would
+#: otherwise drop that cast and round once, 1 ulp away from the eager result in about one entry in eight).
+INDUCTOR_OPTIONS = {"realize_reads_threshold": 0, "emulate_precision_casts": True}
 
 
 def _total(sums: Tensors) -> torch.Tensor:
@@ -114,7 +117,8 @@ class CompiledStep:
 
     def _run(self, tensors: dict[str, Tensors], scales: Sequence[float], groups: list[int]):
         w = tensors["w"]
-        t = self._scale_tensor(scales, w[0].device, torch.promote_types(w[0].dtype, torch.float32))
+        dtype = functools.reduce(torch.promote_types, [t.dtype for t in w], torch.float32)  # fp64 tensors: fp64 scales
+        t = self._scale_tensor(scales, w[0].device, dtype)
         return self._compiled(self.penalty, w, tensors.get("w0"), tensors.get("fisher"), tensors["out"], t, groups)
 
     def __call__(
