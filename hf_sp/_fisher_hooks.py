@@ -167,15 +167,19 @@ class HookedFisher:
         targets = [t for u in self.units for call in u.calls for t in call[2] if isinstance(t, torch.Tensor)]
         targets = [t for t in targets if t.requires_grad]
         tap_list = list(taps.values())
-        grads: list[list[torch.Tensor]] = [[] for _ in range(len(targets) + len(tap_list))]
-        classes = logp.shape[-1]
-        for s in range(labels.shape[1]):
+        # Each slot's output gradients are copied into [S, ...] buffers as they come, and freed: the allocator
+        # reuses their memory for the next slot's (stacking them at the end would hold every slot twice).
+        wanted = targets + tap_list
+        slots, classes = labels.shape[1], logp.shape[-1]
+        buffers = [t.new_empty(slots, *t.shape) for t in wanted]
+        for s in range(slots):
             cot = torch.nn.functional.one_hot(labels[:, s], classes).to(logp.dtype)
-            got = torch.autograd.grad(logp, targets + tap_list, cot, retain_graph=True, allow_unused=True)
-            for acc, g, t in zip(grads, got, targets + tap_list, strict=True):
-                acc.append(torch.zeros_like(t) if g is None else g)
+            got = torch.autograd.grad(logp, wanted, cot, retain_graph=True, allow_unused=True)
+            for buf, g in zip(buffers, got, strict=True):
+                buf[s].zero_() if g is None else buf[s].copy_(g)
+            del got
         del logp, logits
-        stacked = iter([torch.stack(g) for g in grads])
+        stacked = iter(buffers)
         w = weights.T.contiguous()  # [S, B]
         by_target = {id(t): next(stacked) for t in targets}
         for n in taps:
