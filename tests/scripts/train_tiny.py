@@ -51,6 +51,11 @@ def main() -> None:
         (out / "logs.json").write_text(json.dumps(logs))
         print("world size", trainer.args.world_size, "steps", trainer.state.global_step, torch.__version__)
     end_process_group()
+    # Everything is written: leave without the interpreter's teardown, where a thread that torch's gloo backend
+    # leaves behind can abort a rank ("terminate called without an active exception", SIGABRT) after a finished run.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
