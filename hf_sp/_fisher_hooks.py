@@ -176,7 +176,10 @@ class HookedFisher:
             cot = torch.nn.functional.one_hot(labels[:, s], classes).to(logp.dtype)
             got = torch.autograd.grad(logp, wanted, cot, retain_graph=True, allow_unused=True)
             for buf, g in zip(buffers, got, strict=True):
-                buf[s].zero_() if g is None else buf[s].copy_(g)
+                if g is None:
+                    buf[s].zero_()
+                else:
+                    buf[s].copy_(g)
             del got
         del logp, logits
         stacked = iter(buffers)
