@@ -72,7 +72,7 @@ class PenaltyArguments:
         default=False,
         metadata={
             "help": "Step the anchored tensors with one kernel compiled by torch.compile (one pass over each entry: "
-            "1.3-1.4x the memory floor on CPU instead of 1.7-2.4x), for elementwise penalties; the first step "
+            "about 1x the memory floor on CPU instead of about 2x), for elementwise penalties; the first step "
             "compiles (seconds to a minute). Needs inductor's compiler (a C++ compiler on CPU, Triton on GPU)."
         },
     )

@@ -3,9 +3,9 @@
 The eager kernels (:meth:`Penalty.accumulate`) need one PyTorch op per term (``w - w0``, its square sum, the add
 into ``out``); cache blocking keeps their temporaries out of main memory, but each op is still a pass of its own.
 Here one compiled call per step covers every anchored tensor of the model, and for each tensor the compiler emits
-one loop that reads ``w``, ``w0`` (and the Fisher) and ``out`` once (when they share a memory layout), adds ``scale * dOmega/dw`` to ``out`` and
-accumulates ``Omega`` and ``||w - w0||^2`` in registers: each entry crosses main memory once (16 bytes for
-``l2_sp``: read ``w``, ``w0``, ``out``; write ``out``), with no temporary.
+one loop that reads ``w``, ``w0`` (and the Fisher) and ``out`` once (when they share a memory layout), adds
+``scale * dOmega/dw`` to ``out`` and accumulates ``Omega`` and ``||w - w0||^2`` in registers: each entry crosses
+main memory once (16 bytes for ``l2_sp``: read ``w``, ``w0``, ``out``; write ``out``), with no temporary.
 
 That one loop comes from :data:`INDUCTOR_OPTIONS` and two details of :func:`_fused_step`. With its default
 ``realize_reads_threshold`` inductor inlines ``w - w0`` into each of its readers (the update and the sums) and
