@@ -1,14 +1,16 @@
 """The exact Fisher's inner sums from one forward pass per batch and one backward pass per class slot.
 
-``HookedFisher(model, names).add(x, labels, weights, fisher)`` adds
-``sum_b sum_s weights[b, s] * (d log f_{labels[b, s]}(x_b) / dw)^2`` to ``fisher`` for every selected parameter:
+``HookedFisher(model, names).add(x, cotangents, weights, ...)`` adds
+``sum_b sum_s weights[b, s] * (d (cotangents[b, s] . logits(x_b)) / dw)^2`` to ``fisher`` for every selected
+parameter (with ``cotangents[b, s] = e_k - softmax(logits(x_b))`` that gradient is ``d log f_k(x_b) / dw``):
 
 * parameters of layers with a rule (:mod:`hf_sp._per_sample`: Linear, Conv1d/2d, norms, Embedding) get it from the
   layer's input (saved by a forward hook) and the gradient of its output (one ``autograd.grad`` per slot
-  over the whole batch, asking for activation gradients only: no weight gradient is computed);
+  over the whole batch, asking for activation gradients only: no weight gradient is computed), slot by slot as
+  the backward passes return them;
 * parameters held directly by a module without a rule, whose first dimension is 1 and broadcast over the batch
   (a ViT's ``cls_token`` and ``pos_embed``), are replaced by one copy per sample, whose gradients are then
-  the per-sample gradients; checked on the first batch (same logits, gradients of a sample only on its copy);
+  the per-sample gradients; checked once, on two samples (same logits, gradients of a sample only on its copy);
 * every other parameter falls back to :mod:`torch.func`, locally: the module that holds it is re-run under
   ``vmap`` over the samples on its saved inputs, with a VJP of the saved output gradient.
 
@@ -29,8 +31,14 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._per_sample import RULES, rule_for
 
-#: Floats of saved output gradients (slots x samples x activations) per forward chunk: 512 MiB of fp32.
+#: Floats of saved output gradients (slots x samples x activations) at a time: 512 MiB of fp32. Samples are split
+#: into forward chunks first (all slots of a chunk at once: the pair products are then made once per chunk), slots
+#: into groups of backward passes when one sample's slots alone exceed it.
 GRADIENT_BUDGET = 1 << 27
+
+
+#: Whether the slots' backward passes are batched into one (``torch.autograd.grad(..., is_grads_batched=True)``).
+BATCHED_SLOTS = True
 
 
 class NotPerSample(RuntimeError):
@@ -57,6 +65,9 @@ class HookedFisher:
         self.units: list[_Unit] = []
         self.replicas: list[str] = []
         self._checked = False
+        #: one batched backward pass over the slots (see _backward); cleared when the graph does not support it
+        self.batched_slots = BATCHED_SLOTS
+        self._batched_ran = False
         self._walk(model, "")
 
     @staticmethod
@@ -105,22 +116,27 @@ class HookedFisher:
     def add(
         self,
         x: torch.Tensor,
-        labels: torch.Tensor,
+        cotangents: torch.Tensor,
         weights: torch.Tensor,
         params: dict[str, torch.Tensor],
         constants: dict[str, torch.Tensor],
         logits_of: Callable[[Any], torch.Tensor],
         fisher: dict[str, torch.Tensor],
     ) -> None:
-        """Add this batch's weighted per-sample squares to ``fisher`` (``labels``/``weights``: ``[B, S]``)."""
-        slots = labels.shape[1]
-        step = self._chunk(x, slots, params, constants)
-        for start in range(0, x.shape[0], step):
-            sl = slice(start, start + step)
-            self._add_chunk(x[sl], labels[sl], weights[sl], params, constants, logits_of, fisher)
+        """Add this batch's weighted per-sample squares to ``fisher`` (``cotangents``: ``[B, S, K]`` on the logits,
+        ``weights``: ``[B, S]``)."""
+        if cotangents.shape[1] == 0:
+            return
+        if not self._checked and self.replicas:
+            self._check_replicas(x[:2], params, constants, logits_of)
+        samples, slots = self._chunk(x, cotangents.shape[1], params, constants)
+        for start in range(0, x.shape[0], samples):
+            sl = slice(start, start + samples)
+            self._add_chunk(x[sl], cotangents[sl], weights[sl], slots, params, constants, logits_of, fisher)
 
-    def _chunk(self, x, slots, params, constants) -> int:
-        """Samples per forward so that the saved output gradients of all slots stay within GRADIENT_BUDGET."""
+    def _chunk(self, x, num_slots, params, constants) -> tuple[int, int]:
+        """Samples per forward chunk and slots per group of backward passes, so that the saved output gradients stay
+        within GRADIENT_BUDGET; the chunks are made as even as their number allows."""
         probe: list[int] = []
         hooks = [
             u.module.register_forward_hook(
@@ -136,10 +152,14 @@ class HookedFisher:
         finally:
             for h in hooks:
                 h.remove()
-        per_sample = max(1, sum(probe)) * slots
-        return max(1, min(x.shape[0], GRADIENT_BUDGET // per_sample))
+        per_slot = max(1, sum(probe))  # one sample, one slot
+        batch = x.shape[0]
+        samples = max(1, min(batch, GRADIENT_BUDGET // (per_slot * num_slots)))
+        samples = -(-batch // -(-batch // samples))  # ceil(batch / number of chunks)
+        slots = max(1, min(num_slots, GRADIENT_BUDGET // (per_slot * samples)))
+        return samples, slots
 
-    def _add_chunk(self, x, labels, weights, params, constants, logits_of, fisher) -> None:
+    def _add_chunk(self, x, cotangents, weights, slot_step, params, constants, logits_of, fisher) -> None:
         batch = x.shape[0]
         leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
         taps = {
@@ -154,7 +174,6 @@ class HookedFisher:
             with torch.enable_grad():
                 inp = x.detach().requires_grad_(True) if x.is_floating_point() else x
                 logits = logits_of(functional_call(self.model, ({**leaves, **replaced}, constants), (inp,)))
-                logp = torch.log_softmax(logits, dim=-1)
         finally:
             for h in handles:
                 h.remove()
@@ -162,39 +181,61 @@ class HookedFisher:
             for saved, _, _, versions in u.calls:
                 if [a._version for a in saved if isinstance(a, torch.Tensor)] != versions:
                     raise NotPerSample(f"the input of {u.prefix or 'the model'} was changed in place")
-        if not self._checked and self.replicas:
-            self._check_replicas(x, logits, logp, taps, leaves, constants, logits_of)
         targets = [t for u in self.units for call in u.calls for t in call[2] if isinstance(t, torch.Tensor)]
         targets = [t for t in targets if t.requires_grad]
-        tap_list = list(taps.values())
-        # Each slot's output gradients are copied into [S, ...] buffers as they come, and freed: the allocator
-        # reuses their memory for the next slot's (stacking them at the end would hold every slot twice).
-        wanted = targets + tap_list
-        slots, classes = labels.shape[1], logp.shape[-1]
-        buffers = [t.new_empty(slots, *t.shape) for t in wanted]
-        for s in range(slots):
-            cot = torch.nn.functional.one_hot(labels[:, s], classes).to(logp.dtype)
-            got = torch.autograd.grad(logp, wanted, cot, retain_graph=True, allow_unused=True)
-            for buf, g in zip(buffers, got, strict=True):
-                if g is None:
-                    buf[s].zero_()
-                else:
-                    buf[s].copy_(g)
-            del got
-        del logp, logits
-        stacked = iter(buffers)
+        wanted = targets + list(taps.values())
+        num_slots = cotangents.shape[1]
         w = weights.T.contiguous()  # [S, B]
-        by_target = {id(t): next(stacked) for t in targets}
-        for n in taps:
-            g = next(stacked)  # [S, B, *p.shape[1:]]: per-sample gradients of the parameter
-            sq = torch.einsum("sb...,sb->...", g.square(), w.to(g.dtype))
-            fisher[n] += sq.reshape(fisher[n].shape).to(fisher[n].dtype)
+        cot = cotangents.to(logits.dtype)
+        for s0 in range(0, num_slots, slot_step):
+            slots = range(s0, min(num_slots, s0 + slot_step))
+            got = self._backward(logits, wanted, cot[:, slots.start : slots.stop], last=slots.stop == num_slots)
+            ws = w[slots.start : slots.stop]
+            by_target = {id(t): got[i] for i, t in enumerate(targets)}
+            for n, per_slot in zip(taps, got[len(targets) :], strict=True):
+                # per_slot[s]: [B, *p.shape[1:]], the per-sample gradients of the parameter
+                sq = sum(torch.einsum("b...,b->...", g.square(), ws[i].to(g.dtype)) for i, g in enumerate(per_slot))
+                fisher[n] += sq.reshape(fisher[n].shape).to(fisher[n].dtype)
+            del got
+            for u in self.units:
+                if u.rule is not None:
+                    self._add_rule(u, by_target, ws, fisher)
+                else:
+                    self._add_fallback(u, by_target, ws, params, constants, fisher)
+            del by_target
         for u in self.units:
-            if u.rule is not None:
-                self._add_rule(u, by_target, w, fisher)
-            else:
-                self._add_fallback(u, by_target, w, params, constants, fisher)
             u.calls.clear()
+
+    def _backward(self, logits, wanted, cot, last: bool) -> list[list[torch.Tensor]]:
+        """``got[t][s]``: the gradient of ``wanted[t]`` for the cotangent ``cot[:, s]`` on the logits, as the backward
+        passes return it (no copy). The slots go through one batched backward pass (``is_grads_batched``: every
+        op runs once over all of them) where every op of the graph supports it, else one pass each."""
+        if self.batched_slots:
+            try:  # the graph is kept until a batched pass has succeeded once: a failed one falls back on it
+                grads = torch.autograd.grad(
+                    logits,
+                    wanted,
+                    cot.movedim(1, 0),
+                    retain_graph=not (last and self._batched_ran),
+                    allow_unused=True,
+                    is_grads_batched=True,
+                )
+            except RuntimeError:  # an op without a batching rule: one backward pass per slot from now on
+                self.batched_slots = False
+            else:
+                self._batched_ran = True
+                return [
+                    [torch.zeros_like(t)] * cot.shape[1] if g is None else list(g.unbind(0))
+                    for g, t in zip(grads, wanted, strict=True)
+                ]
+        got: list[list[torch.Tensor]] = [[] for _ in wanted]
+        for s in range(cot.shape[1]):
+            grads = torch.autograd.grad(
+                logits, wanted, cot[:, s], retain_graph=not last or s < cot.shape[1] - 1, allow_unused=True
+            )
+            for per_target, g, t in zip(got, grads, wanted, strict=True):
+                per_target.append(torch.zeros_like(t) if g is None else g)
+        return got
 
     def _add_rule(self, u: _Unit, by_target, w, fisher) -> None:
         inputs, outs = [], []
@@ -206,7 +247,7 @@ class HookedFisher:
             outs.append(by_target[id(out)])
         if not outs:
             return
-        for local, value in u.rule(u.module, inputs, outs, w.to(outs[0].dtype)).items():
+        for local, value in u.rule(u.module, inputs, outs, w.to(outs[0][0].dtype)).items():
             if local in u.names:
                 name = u.names[local]
                 fisher[name] += value.to(fisher[name].dtype)
@@ -255,7 +296,7 @@ class HookedFisher:
                     leaves = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
                     return tuple(leaves[i].squeeze(0) for i in _idx)
 
-                cot = [torch.zeros_like(o[0]) if c is None else c[s] for o, c in zip(outs, cots, strict=True)]
+                cot = [torch.zeros_like(o) if c is None else c[s] for o, c in zip(outs, cots, strict=True)]
 
                 def sample_grad(c, *flat):
                     _, fn = vjp(lambda p: one(p, *flat), local)
@@ -271,18 +312,27 @@ class HookedFisher:
             if v is not None:
                 fisher[u.names[loc]] += v.to(fisher[u.names[loc]].dtype)
 
-    def _check_replicas(self, x, logits, logp, taps, leaves, constants, logits_of) -> None:
-        """Per-sample copies must give the same logits, and a sample's gradient must land on its copy only."""
+    def _check_replicas(self, x, params, constants, logits_of) -> None:
+        """Per-sample copies must give the same logits, and a sample's gradient must land on its copy only
+        (checked on the first two samples, with a cotangent on the last one's logits)."""
         self._checked = True
+        batch = x.shape[0]
+        taps = {
+            n: torch.zeros(batch, *params[n].shape[1:], dtype=params[n].dtype, device=x.device, requires_grad=True)
+            for n in self.replicas
+        }
+        with torch.enable_grad():
+            replaced = {n: params[n].detach().expand(batch, *params[n].shape[1:]) + taps[n] for n in self.replicas}
+            logits = logits_of(functional_call(self.model, ({**params, **replaced}, constants), (x,)))
         with torch.no_grad():
-            plain = logits_of(functional_call(self.model, (leaves, constants), (x,)))
+            plain = logits_of(functional_call(self.model, (params, constants), (x,)))
         if plain.shape != logits.shape or not torch.allclose(plain, logits.detach(), rtol=1e-5, atol=1e-6):
             raise NotPerSample("per-sample copies of broadcast parameters change the logits")
-        if x.shape[0] < 2:
+        if batch < 2:
             return
-        cot = torch.zeros_like(logp)
-        cot[-1] = torch.softmax(logits.detach()[-1], -1)
-        got = torch.autograd.grad(logp, list(taps.values()), cot, retain_graph=True, allow_unused=True)
+        cot = torch.zeros_like(logits)
+        cot[-1] = torch.linspace(1.0, 2.0, logits.shape[-1], dtype=logits.dtype, device=logits.device)
+        got = torch.autograd.grad(logits, list(taps.values()), cot, allow_unused=True)
         for g in got:
             if g is not None and bool(g[:-1].abs().amax() > 0):
                 raise NotPerSample("a broadcast parameter mixes samples")

@@ -2,21 +2,24 @@
 
 For a batch of ``B`` samples and ``S`` class slots per sample, the Fisher needs, for every parameter entry ``j``::
 
-    sum_s sum_b w[s, b] * G[s, b, j]^2,    G[s, b] = d log f_{y[s, b]}(x_b) / dw   (one sample's gradient)
+    sum_s sum_b w[s, b] * G[s, b, j]^2,    G[s, b] = d (c_s[b] . logits(x_b)) / dw   (one sample's gradient)
 
-One backward pass per slot over the whole batch gives the gradient of every layer's output for every sample
-at once (samples are independent in eval mode), and each layer's per-sample parameter gradient is a small
-function of its input and that output gradient, as in Opacus' ``GradSampleModule`` and BackPACK:
+with ``c_s[b]`` the slot's cotangent on the logits. One backward pass per slot over the whole batch gives the
+gradient of every layer's output for every sample at once (samples are independent in eval mode), and each
+layer's per-sample parameter gradient is a small function of its input and that output gradient, as in Opacus'
+``GradSampleModule`` and BackPACK:
 
 * Linear / convolution (``l`` runs over the positions: tokens, output pixels; ``x`` is the input, unfolded for
   a convolution): ``G[s, b] = sum_l g[s, b, l] x[b, l]^T``. With few positions the squares are summed without
   forming ``G``: ``sum_s w G[o, i]^2 = sum_{l, l'} x[l, i] x[l', i] * sum_s w g[s, l, o] g[s, l', o]``, one
-  matrix product over ``(b, l <= l')`` pairs; otherwise ``G`` is formed in chunks, squared and summed.
+  matrix product over ``(b, l <= l')`` pairs; otherwise ``G`` is formed in blocks, squared and summed.
 * norms (BatchNorm in eval mode, LayerNorm, GroupNorm): ``G_weight = sum_l g[l] * x_hat[l]``,
   ``G_bias = sum_l g[l]`` with ``x_hat`` the normalized input.
 * embeddings: ``G[v] = sum_{l: id_l = v} g[l]`` (rows summed per sample before squaring).
 
-A module called several times in one forward contributes the positions of every call to the same sum.
+A rule gets the output gradients slot by slot (a list over the slots, as the backward passes return them: no
+``[S, ...]`` copy is made). A module called several times in one forward contributes the positions of every call
+to the same sum.
 """
 
 from __future__ import annotations
@@ -27,72 +30,111 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-#: Floats per intermediate block (bounds the memory of the per-chunk products to 64 MiB of fp32).
-BLOCK = 1 << 24
+#: Floats per intermediate block: 16 MiB of fp32. Blocks this small are reused by the allocator; blocks of 64 MiB
+#: were mapped and faulted in afresh each time, which made the largest layers several times slower.
+BLOCK = 1 << 22
 
 #: Materialize per-sample gradients instead of summing position pairs when pairs cost more than this many
 #: positions per slot (the extra passes over the materialized gradients are counted as these positions).
 _MATERIALIZE_PASSES = 8
 
 
-def _outer_sq(x: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``sum_{s,b} w[s,b] * (sum_l g[s,b,l,:,:, None] * x[b,l,:,None,:])^2``: ``x [B, L, Gr, I]``,
-    ``g [S, B, L, Gr, O]``, ``w [S, B]`` -> ``[Gr, O, I]`` (``Gr`` groups of a grouped convolution)."""
-    num_slots, batch, length, groups, out_f = g.shape
-    in_f = x.shape[-1]
-    result = x.new_zeros(groups, out_f, in_f)
+def _outer_sq(x: torch.Tensor, g: list[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+    """``sum_{s,b} w[s,b] * (sum_l g[s][b,l,:,:, None] * x[b,l,:,None,:])^2``: ``x [B, L, Gr, I]``, ``g`` a list over
+    the slots of ``[B, L, Gr, O]``, ``w [S, B]`` -> ``[Gr, O, I]`` (``Gr`` groups of a grouped convolution)."""
+    num_slots = len(g)
+    batch, length, groups, in_f = x.shape
+    out_f = g[0].shape[-1]
     if length == 1:
-        a = torch.einsum("sbgo,sb->bgo", g[:, :, 0].square(), w)
+        a = sum(w[s, :, None, None] * g[s][:, 0].square() for s in range(num_slots))  # [B, Gr, O]
         return torch.einsum("bgo,bgi->goi", a, x[:, 0].square())
     pairs = length * (length + 1) // 2
     if pairs <= num_slots * (length + _MATERIALIZE_PASSES):
-        # sum_s w G^2 = sum_{l, m} M[o, l, m] x[l, i] x[m, i] with the Gram matrix M[o] = sum_s w_s g_s[:, o] g_s[:, o]^T
-        li, lj = torch.triu_indices(length, length, device=x.device)
-        pair_index = li * length + lj  # index_select on flattened dimensions: far faster than x[:, li, lj] on CPU
-        factor = torch.where(li == lj, 1.0, 2.0).to(x.dtype)
-        step = max(1, BLOCK // max(1, pairs * groups * max(out_f, in_f)))
+        return _outer_sq_pairs(x, g, w)
+    # G[s, b] one slot at a time, in blocks of samples: [n, Gr, O, I], squared in place and summed with the weights.
+    result = x.new_zeros(groups, out_f, in_f)
+    step = max(1, BLOCK // max(1, groups * out_f * in_f))
+    for s in range(num_slots):
         for b0 in range(0, batch, step):
-            xs = x[b0 : b0 + step]
-            gw = g[:, b0 : b0 + step] * w[:, b0 : b0 + step, None, None, None].sqrt()
-            n = xs.shape[0]
-            cols = gw.permute(1, 3, 4, 2, 0).reshape(n * groups * out_f, length, num_slots)
-            gram = torch.bmm(cols, cols.transpose(1, 2)).flatten(1).index_select(1, pair_index).mul_(factor)
-            gram = gram.reshape(n, groups, out_f, pairs).permute(1, 2, 0, 3).reshape(groups, out_f, n * pairs)
-            xx = (xs.index_select(1, li) * xs.index_select(1, lj)).permute(2, 0, 1, 3).reshape(groups, n * pairs, in_f)
-            result += torch.bmm(gram, xx)
-        return result
-    # Every slot of a sample shares its input: one product per sample and group, slots stacked with the outputs.
-    size = groups * out_f * in_f
-    slot_step = max(1, min(num_slots, BLOCK // max(1, size)))
-    step = max(1, BLOCK // max(1, slot_step * size))
-    for s0 in range(0, num_slots, slot_step):
-        for b0 in range(0, batch, step):
-            gs, sl = g[s0 : s0 + slot_step, b0 : b0 + step], slice(b0, b0 + step)
-            per_sample = torch.einsum("sblgo,blgi->sbgoi", gs, x[sl])
-            result += torch.einsum("sb,sbgoi->goi", w[s0 : s0 + slot_step, sl], per_sample.square_())
+            sl = slice(b0, b0 + step)
+            per_sample = torch.einsum("blgo,blgi->bgoi", g[s][sl], x[sl])
+            result += torch.einsum("b,bgoi->goi", w[s, sl], per_sample.square_())
     return result
 
 
-def _diag_sq(g: torch.Tensor, w: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
-    """``sum_{s,b} w[s,b] * (sum_l g[s,b,l,:] * x[b,l,:])^2`` (``x = 1`` if ``None``): ``g [S, B, L, C]`` -> ``[C]``."""
-    per_sample = g.sum(2) if x is None else torch.einsum("sblc,blc->sbc", g, x)
-    return torch.einsum("sbc,sb->c", per_sample.square(), w)
+def _outer_sq_pairs(x: torch.Tensor, g: list[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+    """:func:`_outer_sq` by position pairs ``l <= l'``: ``sum_{b, l <= l'} M[b, (l, l'), o] * f * x[b, l, i] x[b, l', i]``
+    with ``M[b, (l, l')] = sum_s w[s, b] g[s][b, l] g[s][b, l']`` and ``f = 2`` off the diagonal.
+
+    ``M`` is built row by row (``l`` fixed, ``l' >= l``) with the output channels innermost, as the backward
+    passes lay them out, and enters one matrix product per group over the ``(b, pair)`` dimension.
+    """
+    batch, length, groups, in_f = x.shape
+    out_f = g[0].shape[-1]
+    li, lj = torch.triu_indices(length, length, device=x.device)  # row-major: row l holds pairs (l, l..L-1)
+    pairs = li.shape[0]
+    starts = [row * length - row * (row - 1) // 2 for row in range(length + 1)]
+    factor = torch.where(li == lj, 1.0, 2.0).to(x.dtype)[:, None, None]
+    roots = w.sqrt()
+    result = x.new_zeros(groups, out_f, in_f)
+    step = max(1, BLOCK // max(1, pairs * groups * max(out_f, in_f)))
+    for b0 in range(0, batch, step):
+        sl = slice(b0, b0 + step)
+        xs = x[sl]
+        n = xs.shape[0]
+        gram = x.new_empty(n, pairs, groups, out_f)
+        for s, gs in enumerate(g):
+            scaled = torch.empty_like(gram[:, :length])  # contiguous: a convolution's gradient comes channel-major
+            torch.mul(gs[sl], roots[s, sl, None, None, None], out=scaled)
+            for row in range(length):
+                block = gram[:, starts[row] : starts[row + 1]]
+                if s == 0:
+                    torch.mul(scaled[:, row : row + 1], scaled[:, row:], out=block)
+                else:
+                    block.addcmul_(scaled[:, row : row + 1], scaled[:, row:])
+        xx = x.new_empty(n, pairs, groups, in_f)  # x[b, l, i] x[b, l', i], row by row as the Gram matrix
+        for row in range(length):
+            torch.mul(xs[:, row : row + 1], xs[:, row:], out=xx[:, starts[row] : starts[row + 1]])
+        xx.mul_(factor)
+        result.baddbmm_(
+            gram.view(n * pairs, groups, out_f).permute(1, 2, 0), xx.view(n * pairs, groups, in_f).transpose(0, 1)
+        )
+    return result
+
+
+def _diag_sq(g: list[torch.Tensor], w: torch.Tensor, x: torch.Tensor | None = None, dim: int = 1) -> torch.Tensor:
+    """``sum_{s,b} w[s,b] * (sum_l g[s][b,l,c] * x[b,l,c])^2`` (``x = 1`` if ``None``; ``l`` runs over ``dim``):
+    ``g`` a list over the slots of ``[B, L, C]`` (or ``[B, C, L]`` with ``dim=-1``) -> ``[C]``."""
+    total = None
+    for s, gs in enumerate(g):
+        per_sample = gs.sum(dim) if x is None else (gs * x).sum(dim)  # [B, C]
+        term = per_sample.square_().T @ w[s]
+        total = term if total is None else total + term
+    return total
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Rules: (module, inputs of each call, output gradients of each call [S, B, ...], weights [S, B]) -> squares
+# Rules: (module, inputs of each call, output gradients of each call (a list over the slots, each [B, ...]),
+# weights [S, B]) -> squares
 
 
 def _cat_calls(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
 
 
+def _slots(
+    grads: list[list[torch.Tensor]], view: Callable[[torch.Tensor], torch.Tensor], dim: int
+) -> list[torch.Tensor]:
+    """Per slot: every call's output gradient through ``view``, concatenated over the calls along ``dim``."""
+    return [_cat_calls([view(call[s]) for call in grads], dim) for s in range(len(grads[0]))]
+
+
 def _linear(m: nn.Linear, inputs, grads, w):
     x = _cat_calls([i.reshape(i.shape[0], -1, 1, i.shape[-1]) for i in inputs], 1)
-    g = _cat_calls([o.reshape(o.shape[0], o.shape[1], -1, 1, o.shape[-1]) for o in grads], 2)
+    g = _slots(grads, lambda o: o.reshape(o.shape[0], -1, 1, o.shape[-1]), 1)  # [B, L, 1, O] per slot
     out = {"weight": _outer_sq(x, g, w)[0]}
     if m.bias is not None:
-        out["bias"] = _diag_sq(g[..., 0, :], w)
+        out["bias"] = _diag_sq([gs[:, :, 0] for gs in g], w)
     return out
 
 
@@ -107,33 +149,29 @@ def _conv(m: nn.Conv1d | nn.Conv2d, inputs, grads, w):
         return tuple(v) if two_d else (1, v[0])
 
     groups, c_out = m.groups, m.out_channels
-    xs, gs = [], []
-    for i, o in zip(inputs, grads, strict=True):
+    xs = []
+    for i in inputs:
         i = i if two_d else i.unsqueeze(2)
         pad = (m.padding[0], m.padding[1]) if two_d else (0, m.padding[0])
         cols = F.unfold(i, pair(m.kernel_size), dilation=pair(m.dilation), padding=pad, stride=pair(m.stride))
         xs.append(cols.transpose(1, 2).reshape(i.shape[0], cols.shape[-1], groups, -1))  # [B, L, Gr, I]
-        gs.append(o.reshape(o.shape[0], o.shape[1], groups, c_out // groups, -1).permute(0, 1, 4, 2, 3))
-    x, g = _cat_calls(xs, 1), _cat_calls(gs, 2)  # g: [S, B, L, Gr, O]
+    x = _cat_calls(xs, 1)
+    flat = _slots(grads, lambda o: o.reshape(o.shape[0], c_out, -1), 2)  # [B, C, L] per slot
+    g = [f.view(f.shape[0], groups, c_out // groups, -1).permute(0, 3, 1, 2) for f in flat]  # [B, L, Gr, O]
     out = {"weight": _outer_sq(x, g, w).reshape(m.weight.shape)}
     if m.bias is not None:
-        out["bias"] = _diag_sq(g.reshape(*g.shape[:3], c_out), w)
+        out["bias"] = _diag_sq(flat, w, dim=-1)
     return out
 
 
-def _channels_last(t: torch.Tensor, batch_dims: int) -> torch.Tensor:
-    """``[*batch, C, *spatial]`` -> ``[*batch, L, C]`` (positions before channels)."""
-    t = t.reshape(*t.shape[: batch_dims + 1], -1)
-    return t.transpose(-1, -2)
-
-
-def _affine(m: nn.Module, x_hat: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Squares of the per-sample gradients of ``weight * x_hat + bias`` (``x_hat [B, L, C]``, ``g [S, B, L, C]``)."""
+def _affine(m: nn.Module, x_hat: torch.Tensor, g: list[torch.Tensor], w: torch.Tensor, dim: int):
+    """Squares of the per-sample gradients of ``weight * x_hat + bias`` (positions along ``dim`` of ``x_hat`` and of
+    each slot's ``g``)."""
     out = {}
     if getattr(m, "weight", None) is not None:
-        out["weight"] = _diag_sq(g, w, x_hat)
+        out["weight"] = _diag_sq(g, w, x_hat, dim)
     if getattr(m, "bias", None) is not None:
-        out["bias"] = _diag_sq(g, w)
+        out["bias"] = _diag_sq(g, w, dim=dim)
     return out
 
 
@@ -143,16 +181,20 @@ def _batch_norm_supported(m: nn.Module) -> bool:
     return m.running_mean is not None and m.running_var is not None
 
 
+def _channels_first(t: torch.Tensor) -> torch.Tensor:
+    """``[B, C, *spatial]`` -> ``[B, C, L]``."""
+    return t.reshape(t.shape[0], t.shape[1], -1)
+
+
 def _batch_norm(m: nn.modules.batchnorm._BatchNorm, inputs, grads, w):
     x_hat = _cat_calls(
         [
-            _channels_last((i - _bcast(m.running_mean, i)) * _bcast((m.running_var + m.eps).rsqrt(), i), 1)
+            _channels_first((i - _bcast(m.running_mean, i)) * _bcast((m.running_var + m.eps).rsqrt(), i))
             for i in inputs
         ],
-        1,
+        -1,
     )
-    g = _cat_calls([_channels_last(o, 2) for o in grads], 2)
-    return _affine(m, x_hat, g, w)
+    return _affine(m, x_hat, _slots(grads, _channels_first, -1), w, dim=-1)
 
 
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -162,16 +204,19 @@ def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def _layer_norm(m: nn.LayerNorm, inputs, grads, w, channel_dim: int | None = None):
     """``channel_dim=1``: timm's LayerNorm2d (normalizes the channels of NCHW tensors)."""
     dims = tuple(range(-len(m.normalized_shape), 0))
-    xs, gs = [], []
-    for i, o in zip(inputs, grads, strict=True):
-        if channel_dim is not None:
-            i, o = i.movedim(channel_dim, -1), o.movedim(channel_dim + 1, -1)
+    c = _numel(m.normalized_shape)
+
+    def last(t: torch.Tensor) -> torch.Tensor:  # channels last, then [B, L, C]
+        t = t if channel_dim is None else t.movedim(channel_dim, -1)
+        return t.reshape(t.shape[0], -1, c)
+
+    xs = []
+    for i in inputs:
+        i = i if channel_dim is None else i.movedim(channel_dim, -1)
         mean = i.mean(dims, keepdim=True)
         var = i.var(dims, keepdim=True, correction=0)
-        c = m.normalized_shape.numel() if hasattr(m.normalized_shape, "numel") else _numel(m.normalized_shape)
         xs.append(((i - mean) * (var + m.eps).rsqrt()).reshape(i.shape[0], -1, c))
-        gs.append(o.reshape(o.shape[0], o.shape[1], -1, c))
-    out = _affine(m, _cat_calls(xs, 1), _cat_calls(gs, 2), w)
+    out = _affine(m, _cat_calls(xs, 1), _slots(grads, last, 1), w, dim=1)
     return {k: v.reshape(getattr(m, k).shape) for k, v in out.items()}
 
 
@@ -188,9 +233,8 @@ def _group_norm(m: nn.GroupNorm, inputs, grads, w):
         grouped = i.reshape(i.shape[0], m.num_groups, -1)
         mean = grouped.mean(-1, keepdim=True)
         var = grouped.var(-1, keepdim=True, correction=0)
-        xs.append(_channels_last(((grouped - mean) * (var + m.eps).rsqrt()).reshape(i.shape), 1))
-    g = _cat_calls([_channels_last(o, 2) for o in grads], 2)
-    return _affine(m, _cat_calls(xs, 1), g, w)
+        xs.append(_channels_first(((grouped - mean) * (var + m.eps).rsqrt()).reshape(i.shape)))
+    return _affine(m, _cat_calls(xs, -1), _slots(grads, _channels_first, -1), w, dim=-1)
 
 
 def _embedding_supported(m: nn.Embedding) -> bool:
@@ -199,16 +243,16 @@ def _embedding_supported(m: nn.Embedding) -> bool:
 
 def _embedding(m: nn.Embedding, inputs, grads, w):
     ids = _cat_calls([i.reshape(i.shape[0], -1) for i in inputs], 1)  # [B, T]
-    g = _cat_calls([o.reshape(o.shape[0], o.shape[1], -1, o.shape[-1]) for o in grads], 2)  # [S, B, T, D]
+    g = _slots(grads, lambda o: o.reshape(o.shape[0], -1, o.shape[-1]), 1)  # [B, T, D] per slot
     batch, length = ids.shape
     sample = torch.arange(batch, device=ids.device).unsqueeze(1).expand(batch, length)
     keys, inverse = torch.unique(sample * m.num_embeddings + ids, return_inverse=True)
     rows, owner = keys % m.num_embeddings, keys // m.num_embeddings
-    out = torch.zeros_like(m.weight, dtype=g.dtype)
+    out = torch.zeros_like(m.weight, dtype=g[0].dtype)
     keep = rows != m.padding_idx if m.padding_idx is not None else torch.ones_like(rows, dtype=torch.bool)
-    for s in range(g.shape[0]):
-        per_row = g.new_zeros(keys.shape[0], g.shape[-1]).index_add_(
-            0, inverse.reshape(-1), g[s].reshape(-1, g.shape[-1])
+    for s, gs in enumerate(g):
+        per_row = gs.new_zeros(keys.shape[0], gs.shape[-1]).index_add_(
+            0, inverse.reshape(-1), gs.reshape(-1, gs.shape[-1])
         )
         contrib = per_row.square_() * w[s, owner].unsqueeze(1)
         out.index_add_(0, rows[keep], contrib[keep])

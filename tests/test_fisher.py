@@ -7,7 +7,15 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from hf_sp.fisher import check_fisher, estimate_fisher, load_fisher, resolve_vectorize, save_fisher
+from hf_sp._fisher_hooks import HookedFisher
+from hf_sp.fisher import (
+    _multinomial_factor,
+    check_fisher,
+    estimate_fisher,
+    load_fisher,
+    resolve_vectorize,
+    save_fisher,
+)
 
 NUM_CLASSES = 5
 
@@ -147,6 +155,40 @@ def test_param_selection():
 
     with pytest.raises(ValueError, match=r"'nope\.weight'"):
         estimate_fisher(model, [x], param_names=["4.weight", "nope.weight", "also.bad"], progress=False)
+
+
+@pytest.mark.parametrize("num_classes", [1, 2, 5, 40])
+def test_multinomial_factor_reproduces_the_class_sum(num_classes):
+    """sum_j c_j c_j^T = diag(p) - p p^T = sum_k p_k (e_k - p)(e_k - p)^T with K - 1 rows of zero sum, also for
+    probabilities with zeros and for a certain class."""
+    gen = torch.Generator().manual_seed(num_classes)
+    p = torch.softmax(3 * torch.randn(4, num_classes, dtype=torch.float64, generator=gen), -1)
+    if num_classes > 2:
+        p[1, 1:3] = 0.0
+        p[1] /= p[1].sum()
+    p[2] = 0.0
+    p[2, -1] = 1.0
+    rows = _multinomial_factor(p)
+    assert rows.shape == (4, num_classes - 1, num_classes)
+    expected = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    torch.testing.assert_close(rows.transpose(1, 2) @ rows, expected, rtol=0, atol=1e-15)
+    torch.testing.assert_close(rows.sum(-1), torch.zeros(4, num_classes - 1, dtype=torch.float64), rtol=0, atol=1e-15)
+
+
+def test_exact_hooks_take_one_backward_pass_fewer_than_classes(monkeypatch):
+    """The exact Fisher's K weighted class slots become K - 1 unweighted ones on the hooks path; top_k keeps its k."""
+    seen = []
+    real = HookedFisher.add
+
+    def spy(self, x, cotangents, weights, *rest):
+        seen.append((tuple(cotangents.shape), bool((weights == 1).all())))
+        return real(self, x, cotangents, weights, *rest)
+
+    monkeypatch.setattr(HookedFisher, "add", spy)
+    model, x = _tiny_model(), _inputs(3)
+    estimate_fisher(model, [x], vectorize="hooks", progress=False, dtype=torch.float64)
+    estimate_fisher(model, [x], top_k=2, vectorize="hooks", progress=False, dtype=torch.float64)
+    assert seen == [((3, NUM_CLASSES - 1, NUM_CLASSES), True), ((3, 2, NUM_CLASSES), False)]
 
 
 # --------------------------------------------------------------------------------------------- approximations

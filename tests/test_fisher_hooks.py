@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from hf_sp import _per_sample
+from hf_sp import _fisher_hooks, _per_sample
 from hf_sp._fisher_hooks import HookedFisher
 from hf_sp.fisher import estimate_fisher
 from tests.test_fisher import _assert_close, _exact_slots, _reference_fisher
@@ -87,6 +87,7 @@ def _ids(n: int) -> torch.Tensor:
     return ids
 
 
+@pytest.mark.parametrize("batched", [True, False], ids=["one-batched-backward", "one-backward-per-slot"])
 @pytest.mark.parametrize(
     ("model", "x"),
     [
@@ -94,7 +95,8 @@ def _ids(n: int) -> torch.Tensor:
         (Images, torch.randn(5, 4, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))),
     ],
 )
-def test_hooks_match_the_loop_for_every_rule(model, x):
+def test_hooks_match_the_loop_for_every_rule(monkeypatch, model, x, batched):
+    monkeypatch.setattr(_fisher_hooks, "BATCHED_SLOTS", batched)
     torch.manual_seed(0)
     net = model().double()
     fisher = estimate_fisher(net, [x[:3], x[3:]], vectorize="hooks", progress=False, dtype=torch.float64)
@@ -108,6 +110,49 @@ def test_hooks_match_the_loop_for_every_rule(model, x):
         assert kinds["attn"] == kinds["scale"] == "torch.func" and kinds["emb"] == kinds["lin"] == "rule"
     else:
         assert kinds["conv2"] == "torch.func" and kinds["conv1"] == kinds["bn"] == kinds["norm"] == "rule"
+
+
+@pytest.mark.parametrize(
+    ("budget", "chunks"),
+    [(10**9, (5, 3)), (1, (1, 1)), (2, (1, 2)), (12, (3, 3))],
+    ids=["one-chunk", "sample-and-slot-by-slot", "slots-in-groups", "even-sample-chunks"],
+)
+def test_gradient_budget_splits_samples_then_slots(monkeypatch, budget, chunks):
+    """Samples are split into even forward chunks first; slots into groups only when one sample's slots exceed the
+    budget (``budget`` in units of one sample's output gradients for one slot; 5 samples, K - 1 = 3 exact slots:
+    a budget of 12 fits 4 samples with all their slots, and the 5 samples go in chunks of 3 and 2, not 4 and 1)."""
+    torch.manual_seed(0)
+    net = Images().double()
+    x = torch.randn(5, 4, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    engine = HookedFisher(net, [n for n, _ in net.named_parameters()])
+    params = {n: p.detach() for n, p in net.named_parameters()}
+    constants = {n: b.detach() for n, b in net.named_buffers()}
+    calls = []
+    real = _fisher_hooks.HookedFisher._add_chunk
+    monkeypatch.setattr(
+        _fisher_hooks.HookedFisher,
+        "_add_chunk",
+        lambda self, xs, c, w, step, *rest: calls.append((xs.shape[0], step)) or real(self, xs, c, w, step, *rest),
+    )
+    per_slot = _per_slot_floats(engine, x, params, constants)
+    monkeypatch.setattr(_fisher_hooks, "GRADIENT_BUDGET", int(budget * per_slot))
+    fisher = estimate_fisher(net, [x], vectorize="hooks", progress=False, dtype=torch.float64)
+    assert {step for _, step in calls} == {chunks[1]} and max(n for n, _ in calls) == chunks[0]
+    assert sum(n for n, _ in calls) == 5
+    _assert_close(fisher, _reference_fisher(net, x, _exact_slots))
+
+
+def _per_slot_floats(engine: HookedFisher, x, params, constants) -> int:
+    """Floats of one sample's saved output gradients for one slot (what GRADIENT_BUDGET counts)."""
+    sizes = []
+    hooks = [u.module.register_forward_hook(lambda m, a, o: sizes.append(o[0].numel())) for u in engine.units]
+    try:
+        with torch.no_grad():
+            torch.func.functional_call(engine.model, (params, constants), (x[:1],))
+    finally:
+        for h in hooks:
+            h.remove()
+    return sum(sizes)
 
 
 @pytest.mark.parametrize("branch", ["pairs", "materialize"])
@@ -127,7 +172,46 @@ def test_outer_square_sums_both_branches(monkeypatch, branch, length, block):
         for b in range(3):
             per_sample = torch.einsum("lgo,lgi->goi", g[s, b], x[b])
             expected += w[s, b] * per_sample**2
-    torch.testing.assert_close(_per_sample._outer_sq(x, g, w), expected, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(_per_sample._outer_sq(x, list(g), w), expected, rtol=1e-12, atol=1e-14)
+
+
+class _Triple(torch.autograd.Function):
+    """``3 x`` with a backward that vmap cannot batch (a fresh tensor written in place)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return 3 * x
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.zeros(g.shape, dtype=g.dtype).copy_(3 * g)
+
+
+class Unbatchable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 5)
+        self.head = nn.Linear(5, K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(_Triple.apply(self.lin(x))))
+
+
+def test_a_graph_that_cannot_be_batched_over_the_slots_gets_one_backward_per_slot():
+    torch.manual_seed(0)
+    net = Unbatchable().double().eval()
+    x = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    engine = HookedFisher(net, [n for n, _ in net.named_parameters()])
+    assert engine.batched_slots
+    params = {n: p.detach() for n, p in net.named_parameters()}
+    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+    with torch.no_grad():
+        probs = torch.softmax(net(x), -1)
+    cotangents = torch.eye(K, dtype=torch.float64)[None] - probs[:, None]  # e_k - p: d log f_k / d logits
+    engine.add(x, cotangents, probs, params, {}, lambda out: out, fisher)
+    assert not engine.batched_slots, "the batched backward pass failed and was replaced"
+    ref = _reference_fisher(net, x, _exact_slots)
+    _assert_close({n: f / x.shape[0] for n, f in fisher.items()}, ref)
 
 
 class CopiesFirst(nn.Module):
@@ -146,6 +230,30 @@ def test_copies_that_mix_samples_fall_back_to_torch_func():
     torch.manual_seed(0)
     net = CopiesFirst().double()
     x = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    fisher = estimate_fisher(net, [x[:2], x[2:]], vectorize="hooks", progress=False, dtype=torch.float64)
+    _assert_close(fisher, _reference_fisher(net, x, _exact_slots))
+
+
+class UniformLast(CopiesFirst):
+    """:class:`CopiesFirst` where the check's sample has exactly uniform logits (``W h = 0``, no bias) and still a
+    gradient: a cotangent ``p`` on the log-probabilities is then exactly zero on the logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.no_grad():
+            self.table.copy_(torch.tensor([[0.7, 0.7, 0.3, -0.4, 0.9, 0.5]]))
+            self.head.weight[:, 0] = 1.0
+            self.head.weight[:, 1] = -1.0
+            self.head.bias.zero_()
+
+
+def test_copies_that_mix_samples_are_caught_when_the_checked_logits_are_uniform():
+    torch.manual_seed(0)
+    net = UniformLast().double()
+    x = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x[1] = torch.tensor([0.5, 0.5, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    with torch.no_grad():
+        assert bool((net(x[1:2]) == 0).all()), "the checked sample's logits are exactly uniform"
     fisher = estimate_fisher(net, [x[:2], x[2:]], vectorize="hooks", progress=False, dtype=torch.float64)
     _assert_close(fisher, _reference_fisher(net, x, _exact_slots))
 
