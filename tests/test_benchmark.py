@@ -98,6 +98,9 @@ def test_quick_benchmark_writes_all_sections(tmp_path):
         assert _positive(fisher["speedup"])
         assert fisher["auto"] in ("hooks", "samples", "classes")
         assert fisher["vectorized_median_s"] == fisher["median_s"][fisher["auto"]]
+        errors = fisher["max_rel_err_vs_float64"]  # each float32 result against the float64 loop
+        assert set(errors) == {*cfg["fisher_paths"], "loop"} and all(0 <= e < 1e-4 for e in errors.values())
+        assert fisher["accurate"] == (errors[fisher["auto"]] <= 1e-6)
 
     for heading in ("## 1. Step time", "## 2. Peak memory", "## 3. The penalty alone", "## 4. Fisher estimation"):
         assert heading in md
