@@ -6,8 +6,8 @@ parameter (with ``cotangents[b, s] = e_k - softmax(logits(x_b))`` that gradient 
 
 * parameters of layers with a rule (:mod:`hf_sp._per_sample`: Linear, Conv1d/2d, norms, Embedding) get it from the
   layer's input (saved by a forward hook) and the gradient of its output (one ``autograd.grad`` per slot
-  over the whole batch, asking for activation gradients only: no weight gradient is computed), slot by slot as
-  the backward passes return them;
+  over the whole batch, asking for activation gradients only: no weight gradient is computed; the slots batched
+  into one pass where the graph allows it);
 * parameters held directly by a module without a rule, whose first dimension is 1 and broadcast over the batch
   (a ViT's ``cls_token`` and ``pos_embed``), are replaced by one copy per sample, whose gradients are then
   the per-sample gradients; checked once, on two samples (same logits, gradients of a sample only on its copy);
@@ -192,9 +192,9 @@ class HookedFisher:
             got = self._backward(logits, wanted, cot[:, slots.start : slots.stop], last=slots.stop == num_slots)
             ws = w[slots.start : slots.stop]
             by_target = {id(t): got[i] for i, t in enumerate(targets)}
-            for n, per_slot in zip(taps, got[len(targets) :], strict=True):
-                # per_slot[s]: [B, *p.shape[1:]], the per-sample gradients of the parameter
-                sq = sum(torch.einsum("b...,b->...", g.square(), ws[i].to(g.dtype)) for i, g in enumerate(per_slot))
+            for n, g in zip(taps, got[len(targets) :], strict=True):
+                # g: [S, B, *p.shape[1:]], the per-sample gradients of the parameter
+                sq = torch.einsum("sb...,sb->...", g.square(), ws.to(g.dtype))
                 fisher[n] += sq.reshape(fisher[n].shape).to(fisher[n].dtype)
             del got
             for u in self.units:
@@ -206,10 +206,11 @@ class HookedFisher:
         for u in self.units:
             u.calls.clear()
 
-    def _backward(self, logits, wanted, cot, last: bool) -> list[list[torch.Tensor]]:
-        """``got[t][s]``: the gradient of ``wanted[t]`` for the cotangent ``cot[:, s]`` on the logits, as the backward
-        passes return it (no copy). The slots go through one batched backward pass (``is_grads_batched``: every
-        op runs once over all of them) where every op of the graph supports it, else one pass each."""
+    def _backward(self, logits, wanted, cot, last: bool) -> list[torch.Tensor]:
+        """``got[t][s]``: the gradient of ``wanted[t]`` for the cotangent ``cot[:, s]`` on the logits (``[S, B, ...]``).
+        The slots go through one batched backward pass (``is_grads_batched``: every op runs once over all of them,
+        and its result is used as it comes) where every op of the graph supports it, else one pass each."""
+        num_slots = cot.shape[1]
         if self.batched_slots:
             try:  # the graph is kept until a batched pass has succeeded once: a failed one falls back on it
                 grads = torch.autograd.grad(
@@ -225,17 +226,22 @@ class HookedFisher:
             else:
                 self._batched_ran = True
                 return [
-                    [torch.zeros_like(t)] * cot.shape[1] if g is None else list(g.unbind(0))
-                    for g, t in zip(grads, wanted, strict=True)
+                    t.new_zeros(num_slots, *t.shape) if g is None else g for g, t in zip(grads, wanted, strict=True)
                 ]
-        got: list[list[torch.Tensor]] = [[] for _ in wanted]
-        for s in range(cot.shape[1]):
+        # Each slot's gradients are copied into [S, ...] buffers as they come and freed: stacking them at the end
+        # would hold every slot twice.
+        buffers = [t.new_empty(num_slots, *t.shape) for t in wanted]
+        for s in range(num_slots):
             grads = torch.autograd.grad(
-                logits, wanted, cot[:, s], retain_graph=not last or s < cot.shape[1] - 1, allow_unused=True
+                logits, wanted, cot[:, s], retain_graph=not last or s < num_slots - 1, allow_unused=True
             )
-            for per_target, g, t in zip(got, grads, wanted, strict=True):
-                per_target.append(torch.zeros_like(t) if g is None else g)
-        return got
+            for buf, g in zip(buffers, grads, strict=True):
+                if g is None:
+                    buf[s].zero_()
+                else:
+                    buf[s].copy_(g)
+            del grads
+        return buffers
 
     def _add_rule(self, u: _Unit, by_target, w, fisher) -> None:
         inputs, outs = [], []
@@ -247,7 +253,7 @@ class HookedFisher:
             outs.append(by_target[id(out)])
         if not outs:
             return
-        for local, value in u.rule(u.module, inputs, outs, w.to(outs[0][0].dtype)).items():
+        for local, value in u.rule(u.module, inputs, outs, w.to(outs[0].dtype)).items():
             if local in u.names:
                 name = u.names[local]
                 fisher[name] += value.to(fisher[name].dtype)

@@ -17,9 +17,8 @@ layer's per-sample parameter gradient is a small function of its input and that 
   ``G_bias = sum_l g[l]`` with ``x_hat`` the normalized input.
 * embeddings: ``G[v] = sum_{l: id_l = v} g[l]`` (rows summed per sample before squaring).
 
-A rule gets the output gradients slot by slot (a list over the slots, as the backward passes return them: no
-``[S, ...]`` copy is made). A module called several times in one forward contributes the positions of every call
-to the same sum.
+A rule gets each call's output gradients as one ``[S, B, ...]`` tensor (as the batched backward pass returns them).
+A module called several times in one forward contributes the positions of every call to the same sum.
 """
 
 from __future__ import annotations
@@ -39,14 +38,13 @@ BLOCK = 1 << 22
 _MATERIALIZE_PASSES = 8
 
 
-def _outer_sq(x: torch.Tensor, g: list[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
-    """``sum_{s,b} w[s,b] * (sum_l g[s][b,l,:,:, None] * x[b,l,:,None,:])^2``: ``x [B, L, Gr, I]``, ``g`` a list over
-    the slots of ``[B, L, Gr, O]``, ``w [S, B]`` -> ``[Gr, O, I]`` (``Gr`` groups of a grouped convolution)."""
-    num_slots = len(g)
-    batch, length, groups, in_f = x.shape
-    out_f = g[0].shape[-1]
+def _outer_sq(x: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``sum_{s,b} w[s,b] * (sum_l g[s,b,l,:,:, None] * x[b,l,:,None,:])^2``: ``x [B, L, Gr, I]``,
+    ``g [S, B, L, Gr, O]``, ``w [S, B]`` -> ``[Gr, O, I]`` (``Gr`` groups of a grouped convolution)."""
+    num_slots, batch, length, groups, out_f = g.shape
+    in_f = x.shape[-1]
     if length == 1:
-        a = sum(w[s, :, None, None] * g[s][:, 0].square() for s in range(num_slots))  # [B, Gr, O]
+        a = torch.einsum("sbgo,sb->bgo", g[:, :, 0].square(), w)
         return torch.einsum("bgo,bgi->goi", a, x[:, 0].square())
     pairs = length * (length + 1) // 2
     if pairs <= num_slots * (length + _MATERIALIZE_PASSES):
@@ -57,43 +55,40 @@ def _outer_sq(x: torch.Tensor, g: list[torch.Tensor], w: torch.Tensor) -> torch.
     for s in range(num_slots):
         for b0 in range(0, batch, step):
             sl = slice(b0, b0 + step)
-            per_sample = torch.einsum("blgo,blgi->bgoi", g[s][sl], x[sl])
+            per_sample = torch.einsum("blgo,blgi->bgoi", g[s, sl], x[sl])
             result += torch.einsum("b,bgoi->goi", w[s, sl], per_sample.square_())
     return result
 
 
-def _outer_sq_pairs(x: torch.Tensor, g: list[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+def _outer_sq_pairs(x: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """:func:`_outer_sq` by position pairs ``l <= l'``: ``sum_{b, l <= l'} M[b, (l, l'), o] * f * x[b, l, i] x[b, l', i]``
-    with ``M[b, (l, l')] = sum_s w[s, b] g[s][b, l] g[s][b, l']`` and ``f = 2`` off the diagonal.
+    with ``M[b, (l, l')] = sum_s w[s, b] g[s, b, l] g[s, b, l']`` and ``f = 2`` off the diagonal.
 
-    ``M`` is built row by row (``l`` fixed, ``l' >= l``) with the output channels innermost, as the backward
-    passes lay them out, and enters one matrix product per group over the ``(b, pair)`` dimension.
+    ``M`` and the input products are built row by row (``l`` fixed, ``l' >= l``) with the channels innermost, as
+    the backward passes lay them out, and enter one matrix product per group over the ``(b, pair)`` dimension.
     """
-    batch, length, groups, in_f = x.shape
-    out_f = g[0].shape[-1]
+    num_slots, batch, length, groups, out_f = g.shape
+    in_f = x.shape[-1]
     li, lj = torch.triu_indices(length, length, device=x.device)  # row-major: row l holds pairs (l, l..L-1)
     pairs = li.shape[0]
     starts = [row * length - row * (row - 1) // 2 for row in range(length + 1)]
     factor = torch.where(li == lj, 1.0, 2.0).to(x.dtype)[:, None, None]
-    roots = w.sqrt()
+    roots = w.sqrt()[:, :, None, None, None]
     result = x.new_zeros(groups, out_f, in_f)
     step = max(1, BLOCK // max(1, pairs * groups * max(out_f, in_f)))
     for b0 in range(0, batch, step):
         sl = slice(b0, b0 + step)
         xs = x[sl]
         n = xs.shape[0]
+        # contiguous, channels innermost (a convolution's gradient comes channel-major)
+        scaled = torch.mul(g[:, sl], roots[:, sl], out=g.new_empty(num_slots, n, length, groups, out_f))
         gram = x.new_empty(n, pairs, groups, out_f)
-        for s, gs in enumerate(g):
-            scaled = torch.empty_like(gram[:, :length])  # contiguous: a convolution's gradient comes channel-major
-            torch.mul(gs[sl], roots[s, sl, None, None, None], out=scaled)
-            for row in range(length):
-                block = gram[:, starts[row] : starts[row + 1]]
-                if s == 0:
-                    torch.mul(scaled[:, row : row + 1], scaled[:, row:], out=block)
-                else:
-                    block.addcmul_(scaled[:, row : row + 1], scaled[:, row:])
-        xx = x.new_empty(n, pairs, groups, in_f)  # x[b, l, i] x[b, l', i], row by row as the Gram matrix
+        xx = x.new_empty(n, pairs, groups, in_f)
         for row in range(length):
+            block = gram[:, starts[row] : starts[row + 1]]
+            torch.mul(scaled[0, :, row : row + 1], scaled[0, :, row:], out=block)
+            for s in range(1, num_slots):
+                block.addcmul_(scaled[s, :, row : row + 1], scaled[s, :, row:])
             torch.mul(xs[:, row : row + 1], xs[:, row:], out=xx[:, starts[row] : starts[row + 1]])
         xx.mul_(factor)
         result.baddbmm_(
@@ -102,39 +97,34 @@ def _outer_sq_pairs(x: torch.Tensor, g: list[torch.Tensor], w: torch.Tensor) -> 
     return result
 
 
-def _diag_sq(g: list[torch.Tensor], w: torch.Tensor, x: torch.Tensor | None = None, dim: int = 1) -> torch.Tensor:
-    """``sum_{s,b} w[s,b] * (sum_l g[s][b,l,c] * x[b,l,c])^2`` (``x = 1`` if ``None``; ``l`` runs over ``dim``):
-    ``g`` a list over the slots of ``[B, L, C]`` (or ``[B, C, L]`` with ``dim=-1``) -> ``[C]``."""
+def _diag_sq(g: torch.Tensor, w: torch.Tensor, x: torch.Tensor | None = None, dim: int = -2) -> torch.Tensor:
+    """``sum_{s,b} w[s,b] * (sum_l g[s,b,...,l,...] * x[b,...,l,...])^2`` (``x = 1`` if ``None``): ``g [S, B, L, C]``
+    (positions along ``dim``, a negative index; ``[S, B, C, L]`` with ``dim=-1``) -> ``[C]``. Products with ``x`` are
+    formed a few slots at a time (at most ``BLOCK`` floats)."""
+    if x is None:
+        return torch.einsum("sbc,sb->c", g.sum(dim).square_(), w)
     total = None
-    for s, gs in enumerate(g):
-        per_sample = gs.sum(dim) if x is None else (gs * x).sum(dim)  # [B, C]
-        term = per_sample.square_().T @ w[s]
-        total = term if total is None else total + term
+    step = max(1, BLOCK // max(1, g[0].numel()))
+    for s0 in range(0, g.shape[0], step):
+        part = torch.einsum("sbc,sb->c", (g[s0 : s0 + step] * x).sum(dim).square_(), w[s0 : s0 + step])
+        total = part if total is None else total + part
     return total
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Rules: (module, inputs of each call, output gradients of each call (a list over the slots, each [B, ...]),
-# weights [S, B]) -> squares
+# Rules: (module, inputs of each call, output gradients of each call [S, B, ...], weights [S, B]) -> squares
 
 
 def _cat_calls(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
 
 
-def _slots(
-    grads: list[list[torch.Tensor]], view: Callable[[torch.Tensor], torch.Tensor], dim: int
-) -> list[torch.Tensor]:
-    """Per slot: every call's output gradient through ``view``, concatenated over the calls along ``dim``."""
-    return [_cat_calls([view(call[s]) for call in grads], dim) for s in range(len(grads[0]))]
-
-
 def _linear(m: nn.Linear, inputs, grads, w):
     x = _cat_calls([i.reshape(i.shape[0], -1, 1, i.shape[-1]) for i in inputs], 1)
-    g = _slots(grads, lambda o: o.reshape(o.shape[0], -1, 1, o.shape[-1]), 1)  # [B, L, 1, O] per slot
+    g = _cat_calls([o.reshape(o.shape[0], o.shape[1], -1, 1, o.shape[-1]) for o in grads], 2)
     out = {"weight": _outer_sq(x, g, w)[0]}
     if m.bias is not None:
-        out["bias"] = _diag_sq([gs[:, :, 0] for gs in g], w)
+        out["bias"] = _diag_sq(g[..., 0, :], w)
     return out
 
 
@@ -156,17 +146,16 @@ def _conv(m: nn.Conv1d | nn.Conv2d, inputs, grads, w):
         cols = F.unfold(i, pair(m.kernel_size), dilation=pair(m.dilation), padding=pad, stride=pair(m.stride))
         xs.append(cols.transpose(1, 2).reshape(i.shape[0], cols.shape[-1], groups, -1))  # [B, L, Gr, I]
     x = _cat_calls(xs, 1)
-    flat = _slots(grads, lambda o: o.reshape(o.shape[0], c_out, -1), 2)  # [B, C, L] per slot
-    g = [f.view(f.shape[0], groups, c_out // groups, -1).permute(0, 3, 1, 2) for f in flat]  # [B, L, Gr, O]
+    flat = _cat_calls([o.reshape(o.shape[0], o.shape[1], c_out, -1) for o in grads], -1)  # [S, B, C, L]
+    g = flat.view(*flat.shape[:2], groups, c_out // groups, -1).permute(0, 1, 4, 2, 3)  # [S, B, L, Gr, O]
     out = {"weight": _outer_sq(x, g, w).reshape(m.weight.shape)}
     if m.bias is not None:
         out["bias"] = _diag_sq(flat, w, dim=-1)
     return out
 
 
-def _affine(m: nn.Module, x_hat: torch.Tensor, g: list[torch.Tensor], w: torch.Tensor, dim: int):
-    """Squares of the per-sample gradients of ``weight * x_hat + bias`` (positions along ``dim`` of ``x_hat`` and of
-    each slot's ``g``)."""
+def _affine(m: nn.Module, x_hat: torch.Tensor, g: torch.Tensor, w: torch.Tensor, dim: int) -> dict[str, torch.Tensor]:
+    """Squares of the per-sample gradients of ``weight * x_hat + bias`` (positions along ``dim`` of ``g``)."""
     out = {}
     if getattr(m, "weight", None) is not None:
         out["weight"] = _diag_sq(g, w, x_hat, dim)
@@ -181,20 +170,20 @@ def _batch_norm_supported(m: nn.Module) -> bool:
     return m.running_mean is not None and m.running_var is not None
 
 
-def _channels_first(t: torch.Tensor) -> torch.Tensor:
-    """``[B, C, *spatial]`` -> ``[B, C, L]``."""
-    return t.reshape(t.shape[0], t.shape[1], -1)
+def _flat_positions(t: torch.Tensor, batch_dims: int) -> torch.Tensor:
+    """``[*batch, C, *spatial]`` -> ``[*batch, C, L]`` (the native layout: positions innermost)."""
+    return t.reshape(*t.shape[: batch_dims + 1], -1)
 
 
 def _batch_norm(m: nn.modules.batchnorm._BatchNorm, inputs, grads, w):
     x_hat = _cat_calls(
         [
-            _channels_first((i - _bcast(m.running_mean, i)) * _bcast((m.running_var + m.eps).rsqrt(), i))
+            _flat_positions((i - _bcast(m.running_mean, i)) * _bcast((m.running_var + m.eps).rsqrt(), i), 1)
             for i in inputs
         ],
         -1,
     )
-    return _affine(m, x_hat, _slots(grads, _channels_first, -1), w, dim=-1)
+    return _affine(m, x_hat, _cat_calls([_flat_positions(o, 2) for o in grads], -1), w, dim=-1)
 
 
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -205,18 +194,15 @@ def _layer_norm(m: nn.LayerNorm, inputs, grads, w, channel_dim: int | None = Non
     """``channel_dim=1``: timm's LayerNorm2d (normalizes the channels of NCHW tensors)."""
     dims = tuple(range(-len(m.normalized_shape), 0))
     c = _numel(m.normalized_shape)
-
-    def last(t: torch.Tensor) -> torch.Tensor:  # channels last, then [B, L, C]
-        t = t if channel_dim is None else t.movedim(channel_dim, -1)
-        return t.reshape(t.shape[0], -1, c)
-
-    xs = []
-    for i in inputs:
-        i = i if channel_dim is None else i.movedim(channel_dim, -1)
+    xs, gs = [], []
+    for i, o in zip(inputs, grads, strict=True):
+        if channel_dim is not None:
+            i, o = i.movedim(channel_dim, -1), o.movedim(channel_dim + 1, -1)
         mean = i.mean(dims, keepdim=True)
         var = i.var(dims, keepdim=True, correction=0)
         xs.append(((i - mean) * (var + m.eps).rsqrt()).reshape(i.shape[0], -1, c))
-    out = _affine(m, _cat_calls(xs, 1), _slots(grads, last, 1), w, dim=1)
+        gs.append(o.reshape(o.shape[0], o.shape[1], -1, c))
+    out = _affine(m, _cat_calls(xs, 1), _cat_calls(gs, 2), w, dim=-2)
     return {k: v.reshape(getattr(m, k).shape) for k, v in out.items()}
 
 
@@ -233,8 +219,9 @@ def _group_norm(m: nn.GroupNorm, inputs, grads, w):
         grouped = i.reshape(i.shape[0], m.num_groups, -1)
         mean = grouped.mean(-1, keepdim=True)
         var = grouped.var(-1, keepdim=True, correction=0)
-        xs.append(_channels_first(((grouped - mean) * (var + m.eps).rsqrt()).reshape(i.shape)))
-    return _affine(m, _cat_calls(xs, -1), _slots(grads, _channels_first, -1), w, dim=-1)
+        xs.append(_flat_positions(((grouped - mean) * (var + m.eps).rsqrt()).reshape(i.shape), 1))
+    g = _cat_calls([_flat_positions(o, 2) for o in grads], -1)
+    return _affine(m, _cat_calls(xs, -1), g, w, dim=-1)
 
 
 def _embedding_supported(m: nn.Embedding) -> bool:
@@ -243,16 +230,16 @@ def _embedding_supported(m: nn.Embedding) -> bool:
 
 def _embedding(m: nn.Embedding, inputs, grads, w):
     ids = _cat_calls([i.reshape(i.shape[0], -1) for i in inputs], 1)  # [B, T]
-    g = _slots(grads, lambda o: o.reshape(o.shape[0], -1, o.shape[-1]), 1)  # [B, T, D] per slot
+    g = _cat_calls([o.reshape(o.shape[0], o.shape[1], -1, o.shape[-1]) for o in grads], 2)  # [S, B, T, D]
     batch, length = ids.shape
     sample = torch.arange(batch, device=ids.device).unsqueeze(1).expand(batch, length)
     keys, inverse = torch.unique(sample * m.num_embeddings + ids, return_inverse=True)
     rows, owner = keys % m.num_embeddings, keys // m.num_embeddings
-    out = torch.zeros_like(m.weight, dtype=g[0].dtype)
+    out = torch.zeros_like(m.weight, dtype=g.dtype)
     keep = rows != m.padding_idx if m.padding_idx is not None else torch.ones_like(rows, dtype=torch.bool)
-    for s, gs in enumerate(g):
-        per_row = gs.new_zeros(keys.shape[0], gs.shape[-1]).index_add_(
-            0, inverse.reshape(-1), gs.reshape(-1, gs.shape[-1])
+    for s in range(g.shape[0]):
+        per_row = g.new_zeros(keys.shape[0], g.shape[-1]).index_add_(
+            0, inverse.reshape(-1), g[s].reshape(-1, g.shape[-1])
         )
         contrib = per_row.square_() * w[s, owner].unsqueeze(1)
         out.index_add_(0, rows[keep], contrib[keep])

@@ -172,7 +172,7 @@ def test_outer_square_sums_both_branches(monkeypatch, branch, length, block):
         for b in range(3):
             per_sample = torch.einsum("lgo,lgi->goi", g[s, b], x[b])
             expected += w[s, b] * per_sample**2
-    torch.testing.assert_close(_per_sample._outer_sq(x, list(g), w), expected, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(_per_sample._outer_sq(x, g, w), expected, rtol=1e-12, atol=1e-14)
 
 
 class _Triple(torch.autograd.Function):
