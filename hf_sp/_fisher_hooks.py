@@ -29,7 +29,7 @@ from torch import nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ._per_sample import RULES, rule_for
+from ._per_sample import RULES, rule_for, workspace
 
 #: Floats of saved output gradients (slots x samples x activations) at a time: 512 MiB of fp32. Samples are split
 #: into forward chunks first (all slots of a chunk at once: the pair products are then made once per chunk), slots
@@ -130,9 +130,10 @@ class HookedFisher:
         if not self._checked and self.replicas:
             self._check_replicas(x[:2], params, constants, logits_of)
         samples, slots = self._chunk(x, cotangents.shape[1], params, constants)
-        for start in range(0, x.shape[0], samples):
-            sl = slice(start, start + samples)
-            self._add_chunk(x[sl], cotangents[sl], weights[sl], slots, params, constants, logits_of, fisher)
+        with workspace():
+            for start in range(0, x.shape[0], samples):
+                sl = slice(start, start + samples)
+                self._add_chunk(x[sl], cotangents[sl], weights[sl], slots, params, constants, logits_of, fisher)
 
     def _chunk(self, x, num_slots, params, constants) -> tuple[int, int]:
         """Samples per forward chunk and slots per group of backward passes, so that the saved output gradients stay

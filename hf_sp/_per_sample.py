@@ -23,7 +23,9 @@ A module called several times in one forward contributes the positions of every 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -36,6 +38,32 @@ BLOCK = 1 << 22
 #: Materialize per-sample gradients instead of summing position pairs when pairs cost more than this many
 #: positions per slot (the extra passes over the materialized gradients are counted as these positions).
 _MATERIALIZE_PASSES = 8
+
+
+_WORKSPACE = threading.local()
+
+
+@contextmanager
+def workspace() -> Iterator[None]:
+    """Scratch memory shared by the rules called inside: first touches of fresh allocations of megabytes are page
+    faults, which cost as much as the products written into them."""
+    _WORKSPACE.buffers = {}
+    try:
+        yield
+    finally:
+        _WORKSPACE.buffers = None
+
+
+def _scratch(key: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """An uninitialized ``shape`` tensor (``like``'s dtype and device), from the :func:`workspace` if one is open."""
+    buffers = getattr(_WORKSPACE, "buffers", None)
+    if buffers is None:
+        return like.new_empty(shape)
+    numel = _numel(shape)
+    slot = (key, like.dtype, like.device)
+    if slot not in buffers or buffers[slot].numel() < numel:
+        buffers[slot] = like.new_empty(numel)
+    return buffers[slot][:numel].view(shape)
 
 
 def _outer_sq(x: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -81,9 +109,9 @@ def _outer_sq_pairs(x: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> torch.
         xs = x[sl]
         n = xs.shape[0]
         # contiguous, channels innermost (a convolution's gradient comes channel-major)
-        scaled = torch.mul(g[:, sl], roots[:, sl], out=g.new_empty(num_slots, n, length, groups, out_f))
-        gram = x.new_empty(n, pairs, groups, out_f)
-        xx = x.new_empty(n, pairs, groups, in_f)
+        scaled = torch.mul(g[:, sl], roots[:, sl], out=_scratch("slots", (num_slots, n, length, groups, out_f), g))
+        gram = _scratch("gram", (n, pairs, groups, out_f), x)
+        xx = _scratch("inputs", (n, pairs, groups, in_f), x)
         for row in range(length):
             block = gram[:, starts[row] : starts[row + 1]]
             torch.mul(scaled[0, :, row : row + 1], scaled[0, :, row:], out=block)

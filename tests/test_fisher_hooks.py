@@ -173,6 +173,10 @@ def test_outer_square_sums_both_branches(monkeypatch, branch, length, block):
             per_sample = torch.einsum("lgo,lgi->goi", g[s, b], x[b])
             expected += w[s, b] * per_sample**2
     torch.testing.assert_close(_per_sample._outer_sq(x, g, w), expected, rtol=1e-12, atol=1e-14)
+    with _per_sample.workspace():  # scratch memory reused, dirty, by a smaller call and then a larger one
+        _per_sample._outer_sq(x[:1, :1].clone(), g[:, :1, :1].clone(), w[:, :1])
+        _per_sample._outer_sq(x[:2], g[:, :2], w[:, :2])
+        torch.testing.assert_close(_per_sample._outer_sq(x, g, w), expected, rtol=1e-12, atol=1e-14)
 
 
 class _Triple(torch.autograd.Function):
