@@ -68,6 +68,7 @@ class HookedFisher:
         #: one batched backward pass over the slots (see _backward); cleared when the graph does not support it
         self.batched_slots = BATCHED_SLOTS
         self._batched_ran = False
+        self._sizes: dict[tuple, int] = {}  # floats of one sample's output gradients, per input shape and dtype
         self._walk(model, "")
 
     @staticmethod
@@ -137,23 +138,27 @@ class HookedFisher:
 
     def _chunk(self, x, num_slots, params, constants) -> tuple[int, int]:
         """Samples per forward chunk and slots per group of backward passes, so that the saved output gradients stay
-        within GRADIENT_BUDGET; the chunks are made as even as their number allows."""
-        probe: list[int] = []
-        hooks = [
-            u.module.register_forward_hook(
-                lambda m, a, o: probe.append(
-                    sum(t[0].numel() for t in tree_flatten(o)[0] if isinstance(t, torch.Tensor))
+        within GRADIENT_BUDGET; the chunks are made as even as their number allows. The floats of one sample's
+        output gradients are counted by a forward pass on one sample, once per input shape."""
+        key = (tuple(x.shape[1:]), x.dtype)
+        if key not in self._sizes:
+            probe: list[int] = []
+            hooks = [
+                u.module.register_forward_hook(
+                    lambda m, a, o: probe.append(
+                        sum(t[0].numel() for t in tree_flatten(o)[0] if isinstance(t, torch.Tensor))
+                    )
                 )
-            )
-            for u in self.units
-        ]
-        try:
-            with torch.no_grad():
-                functional_call(self.model, (params, constants), (x[:1],))
-        finally:
-            for h in hooks:
-                h.remove()
-        per_slot = max(1, sum(probe))  # one sample, one slot
+                for u in self.units
+            ]
+            try:
+                with torch.no_grad():
+                    functional_call(self.model, (params, constants), (x[:1],))
+            finally:
+                for h in hooks:
+                    h.remove()
+            self._sizes[key] = max(1, sum(probe))
+        per_slot = self._sizes[key]  # one sample, one slot
         batch = x.shape[0]
         samples = max(1, min(batch, GRADIENT_BUDGET // (per_slot * num_slots)))
         samples = -(-batch // -(-batch // samples))  # ceil(batch / number of chunks)

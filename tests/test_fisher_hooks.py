@@ -271,3 +271,17 @@ def test_batch_statistics_are_not_decomposed():
     fisher = estimate_fisher(net, [x], vectorize="hooks", progress=False, dtype=torch.float64)
     # the hooks would mix the samples through the batch statistics: the torch.func path runs instead
     _assert_close(fisher, estimate_fisher(net, [x], vectorize="classes", progress=False, dtype=torch.float64))
+
+
+def test_output_gradient_sizes_are_probed_once_per_input_shape():
+    torch.manual_seed(0)
+    net = Images().double()
+    x = torch.randn(8, 4, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    one_sample_passes = []
+    net.register_forward_hook(lambda m, a, o: one_sample_passes.append(a[0].shape) if a[0].shape[0] == 1 else None)
+    batches = [x[:3], x[3:6], x[6:], x[:3, :, :5, :5]]  # three batches of one shape, then another shape
+    fisher = estimate_fisher(net, batches, vectorize="hooks", progress=False, dtype=torch.float64)
+    assert one_sample_passes == [torch.Size([1, 4, 6, 6]), torch.Size([1, 4, 5, 5])]
+    ref = _reference_fisher(net, x, _exact_slots)
+    small = _reference_fisher(net, x[:3, :, :5, :5], _exact_slots)
+    _assert_close(fisher, {n: (ref[n] * 8 + small[n] * 3) / 11 for n in ref})
