@@ -1,4 +1,4 @@
-"""The exact Fisher's inner sums from one forward pass per batch and one backward pass per class slot.
+"""The exact Fisher's inner sums from one forward pass per batch and one backward pass batched over the class slots.
 
 ``HookedFisher(model, names).add(x, cotangents, weights, ...)`` adds
 ``sum_b sum_s weights[b, s] * (d (cotangents[b, s] . logits(x_b)) / dw)^2`` to ``fisher`` for every selected

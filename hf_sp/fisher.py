@@ -13,8 +13,9 @@ the empirical Fisher (gradients at the dataset labels) nor the square of a mini-
 
 With cotangent ``e_k`` (one-hot at class ``k``) on ``log softmax(logits)``, a backward pass gives exactly
 ``d log f_k / d w``.  By default (``vectorize="hooks"``, :mod:`hf_sp._fisher_hooks`) one forward pass is made
-per batch and one backward pass per class slot over the whole batch, asking only for the gradients of the
-layers' outputs; forward hooks save the layers' inputs, and each layer's per-sample squared gradients follow
+per batch and one backward pass over the whole batch for all class slots at once (batched over the slots),
+asking only for the gradients of the layers' outputs; the exact Fisher's ``K`` classes enter as the ``K - 1``
+rows of a factor of ``diag(p) - p p^T`` (:func:`_multinomial_factor`); forward hooks save the layers' inputs, and each layer's per-sample squared gradients follow
 from the two (as Opacus' ``GradSampleModule`` and BackPACK compute per-sample gradients), with
 :mod:`torch.func` for the layers that have no rule.  Opacus and BackPACK themselves were not adopted: Opacus
 refuses BatchNorm and fails on timm's and transformers' ViTs (parameters held by the model itself, layers
@@ -237,8 +238,9 @@ def estimate_fisher(
 
     The model runs in eval mode (BatchNorm uses its running statistics, dropout is off); the train/eval
     flag of every submodule is restored afterwards.  Parameters, buffers and ``requires_grad`` flags are
-    left untouched.  One forward pass per batch and one backward pass per class slot (``vectorize="hooks"``,
-    the default), or :mod:`torch.func` over the samples or the class slots.
+    left untouched.  One forward pass per batch and one backward pass batched over the class slots
+    (``vectorize="hooks"``, the default; ``K - 1`` slots for the exact Fisher over ``K`` classes), or
+    :mod:`torch.func` over the samples or the class slots.
 
     Args:
         model: a classifier returning logits ``[B, K]`` as a tensor, a ``ModelOutput``/dict with
@@ -261,7 +263,7 @@ def estimate_fisher(
         generator: random generator for ``num_label_samples``.
         progress: show a tqdm progress bar over the batches.
         dtype: floating dtype of the returned tensors (default ``torch.float32``).
-        vectorize: ``"hooks"``: one forward pass per batch, one backward pass per class slot, per-sample
+        vectorize: ``"hooks"``: one forward pass per batch, one backward pass batched over the class slots, per-sample
             squares from layer inputs and output gradients (:mod:`hf_sp._fisher_hooks`; models whose samples
             interact, through BatchNorm on batch statistics or parameters tied between modules, use the
             ``torch.func`` path instead); ``"samples"``: ``vmap`` over the samples of a batch, one VJP per class

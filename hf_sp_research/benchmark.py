@@ -1155,8 +1155,9 @@ def render_markdown(result: dict[str, Any]) -> str:
         lines += [
             "",
             f"Medians of {cfg['fisher_repeats']} interleaved repetitions; all parameters, exact Fisher over all "
-            "classes. 'hooks': one forward pass per batch, one backward pass per class over the batch, per-sample "
-            "squares from layer inputs and output gradients; "
+            "classes. 'hooks': one forward pass per batch, one backward pass over the batch batched over the class "
+            "slots (K - 1 of them for the exact Fisher over K classes), per-sample squares from layer inputs and "
+            "output gradients; "
             "'samples': vmap over the samples of the batch; 'classes': one forward pass per sample, vmap "
             "over its classes; 'auto' picks 'hooks'. The loop runs once more in float64 (untimed) as the exact "
             "value: both float32 results are measured against it.",
