@@ -1,13 +1,15 @@
 """The exact Fisher's inner sums from one forward pass per batch and one backward pass batched over the class slots.
 
-``HookedFisher(model, names).add(x, cotangents, weights, ...)`` adds
-``sum_b sum_s weights[b, s] * (d (cotangents[b, s] . logits(x_b)) / dw)^2`` to ``fisher`` for every selected
-parameter (with ``cotangents[b, s] = e_k - softmax(logits(x_b))`` that gradient is ``d log f_k(x_b) / dw``):
+``HookedFisher(model, names).add(x, probs, labels, weights, exact, ...)`` adds
+``sum_b sum_s weights[b, s] * (d log f_{labels[b, s]}(x_b) / dw)^2`` to ``fisher`` for every selected parameter,
+as ``sum_b sum_s weights[b, s] * (d (c[b, s] . logits(x_b)) / dw)^2`` with the cotangent ``c = e_k - p`` on the
+logits of a class slot ``k``; with ``exact`` (all classes, weighted by ``p``) the ``K - 1`` rows of
+:func:`multinomial_rows` with weight one instead, one backward pass fewer:
 
 * parameters of layers with a rule (:mod:`hf_sp._per_sample`: Linear, Conv1d/2d, norms, Embedding) get it from the
-  layer's input (saved by a forward hook) and the gradient of its output (one ``autograd.grad`` per slot
-  over the whole batch, asking for activation gradients only: no weight gradient is computed; the slots batched
-  into one pass where the graph allows it);
+  layer's input (saved by a forward hook) and the gradient of its output (one ``autograd.grad`` over the whole
+  batch, batched over the slots where the graph allows it, else one per slot, asking for activation gradients
+  only: no weight gradient is computed);
 * parameters held directly by a module without a rule, whose first dimension is 1 and broadcast over the batch
   (a ViT's ``cls_token`` and ``pos_embed``), are replaced by one copy per sample, whose gradients are then
   the per-sample gradients; checked once, on two samples (same logits, gradients of a sample only on its copy);
@@ -45,6 +47,45 @@ class NotPerSample(RuntimeError):
     """The model's samples interact, or a hooked tensor was changed in place: use the torch.func path."""
 
 
+def multinomial_rows(probs: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Rows ``c_start..c_{stop-1}`` of a factor ``sum_j c_j c_j^T = diag(p) - p p^T`` for each sample's ``p``
+    (``[B, K]`` -> ``[B, stop - start, K]``; all ``K - 1`` rows by default), by splitting off one class at a time
+    (the Cholesky factor of the multinomial covariance)::
+
+        r_j = sum_{k >= j} p_k,   c_j[j] = sqrt(p_j r_{j+1} / r_j),   c_j[k] = -p_k sqrt(p_j / (r_j r_{j+1})) for k > j
+
+    and ``c_j[k] = 0`` for ``k < j``. ``diag(p) - p p^T = sum_k p_k (e_k - p)(e_k - p)^T`` has rank ``K - 1`` (its
+    null vector is ``1``), so the exact Fisher's ``K`` weighted squares are ``K - 1`` unweighted ones. Computed in
+    float64 (float32 where the device has no float64) with ``p`` renormalized to sum to one; ``O(B K)`` memory
+    besides the rows asked for.
+    """
+    work = torch.float32 if probs.device.type == "mps" else torch.float64
+    p = probs.to(work)
+    p = p / p.sum(-1, keepdim=True)
+    num_classes = p.shape[-1]
+    stop = num_classes - 1 if stop is None else stop
+    r = p.flip(-1).cumsum(-1).flip(-1)  # r_j
+    r_next = torch.cat([r[:, 1:], torch.zeros_like(r[:, :1])], -1)  # r_{j+1}
+    ok = (r > 0) & (r_next > 0)
+    root = torch.where(ok, (p / torch.where(ok, r, 1.0)).sqrt(), 0.0)  # sqrt(p_j / r_j), as a product: no underflow
+    diagonal = root * r_next.sqrt()
+    scale = root * torch.where(ok, r_next, 1.0).rsqrt()
+    j = torch.arange(start, stop, device=p.device)
+    later = torch.arange(num_classes, device=p.device)[None, :] > j[:, None]  # [rows, K]: k > j
+    rows = torch.where(later, -scale[:, start:stop, None] * p[:, None, :], 0.0)
+    rows[:, torch.arange(j.shape[0], device=p.device), j] = diagonal[:, start:stop]
+    return rows
+
+
+def _cotangents(probs, labels, weights, exact: bool, slots: range) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cotangents on the logits ``[B, len(slots), K]`` and weights ``[B, len(slots)]`` of a group of slots."""
+    if exact:
+        rows = multinomial_rows(probs, slots.start, slots.stop).to(probs.dtype)
+        return rows, torch.ones(rows.shape[:2], dtype=probs.dtype, device=probs.device)
+    one_hot = torch.nn.functional.one_hot(labels[:, slots.start : slots.stop], probs.shape[-1]).to(probs.dtype)
+    return one_hot - probs[:, None, :], weights[:, slots.start : slots.stop]
+
+
 class _Unit:
     def __init__(self, prefix: str, module: nn.Module, names: dict[str, str], rule: Callable | None) -> None:
         self.prefix, self.module, self.rule = prefix, module, rule
@@ -67,9 +108,13 @@ class HookedFisher:
         self._checked = False
         #: one batched backward pass over the slots (see _backward); cleared when the graph does not support it
         self.batched_slots = BATCHED_SLOTS
-        self._batched_ran = False
         self._sizes: dict[tuple, int] = {}  # floats of one sample's output gradients, per input shape and dtype
         self._walk(model, "")
+
+    @property
+    def verified(self) -> bool:
+        """Whether the per-sample copies were checked (on a batch of two samples or more), or there are none."""
+        return self._checked or not self.replicas
 
     @staticmethod
     def supported(model: nn.Module, names: list[str]) -> bool:
@@ -117,24 +162,37 @@ class HookedFisher:
     def add(
         self,
         x: torch.Tensor,
-        cotangents: torch.Tensor,
+        probs: torch.Tensor,
+        labels: torch.Tensor,
         weights: torch.Tensor,
+        exact: bool,
         params: dict[str, torch.Tensor],
         constants: dict[str, torch.Tensor],
         logits_of: Callable[[Any], torch.Tensor],
         fisher: dict[str, torch.Tensor],
     ) -> None:
-        """Add this batch's weighted per-sample squares to ``fisher`` (``cotangents``: ``[B, S, K]`` on the logits,
-        ``weights``: ``[B, S]``)."""
-        if cotangents.shape[1] == 0:
+        """Add this batch's weighted per-sample squares to ``fisher``: ``labels``/``weights`` ``[B, S]`` the class
+        slots, ``probs`` ``[B, K]``; ``exact``: the slots are all classes weighted by ``probs`` (then ``K - 1``
+        factor rows are used). The cotangents are made per chunk of samples and group of slots."""
+        num_slots = probs.shape[-1] - 1 if exact else labels.shape[1]
+        if num_slots == 0:
             return
         if not self._checked and self.replicas:
             self._check_replicas(x[:2], params, constants, logits_of)
-        samples, slots = self._chunk(x, cotangents.shape[1], params, constants)
+        samples, slot_step = self._chunk(x, num_slots, params, constants)
         with workspace():
             for start in range(0, x.shape[0], samples):
                 sl = slice(start, start + samples)
-                self._add_chunk(x[sl], cotangents[sl], weights[sl], slots, params, constants, logits_of, fisher)
+                self._add_chunk(
+                    x[sl],
+                    partial(_cotangents, probs[sl], labels[sl], weights[sl], exact),
+                    num_slots,
+                    slot_step,
+                    params,
+                    constants,
+                    logits_of,
+                    fisher,
+                )
 
     def _chunk(self, x, num_slots, params, constants) -> tuple[int, int]:
         """Samples per forward chunk and slots per group of backward passes, so that the saved output gradients stay
@@ -165,7 +223,9 @@ class HookedFisher:
         slots = max(1, min(num_slots, GRADIENT_BUDGET // (per_slot * samples)))
         return samples, slots
 
-    def _add_chunk(self, x, cotangents, weights, slot_step, params, constants, logits_of, fisher) -> None:
+    def _add_chunk(self, x, cotangents_of, num_slots, slot_step, params, constants, logits_of, fisher) -> None:
+        """One forward pass over ``x``, then per group of slots: ``cotangents_of(slots)`` -> (cotangents on the
+        logits ``[B, S', K]``, weights ``[B, S']``), the backward pass(es), the rules."""
         batch = x.shape[0]
         leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
         taps = {
@@ -190,13 +250,11 @@ class HookedFisher:
         targets = [t for u in self.units for call in u.calls for t in call[2] if isinstance(t, torch.Tensor)]
         targets = [t for t in targets if t.requires_grad]
         wanted = targets + list(taps.values())
-        num_slots = cotangents.shape[1]
-        w = weights.T.contiguous()  # [S, B]
-        cot = cotangents.to(logits.dtype)
         for s0 in range(0, num_slots, slot_step):
             slots = range(s0, min(num_slots, s0 + slot_step))
-            got = self._backward(logits, wanted, cot[:, slots.start : slots.stop], last=slots.stop == num_slots)
-            ws = w[slots.start : slots.stop]
+            cot, weights = cotangents_of(slots)
+            ws = weights.T.contiguous().to(logits.dtype)  # [S', B]
+            got = self._backward(logits, wanted, cot.to(logits.dtype), last=slots.stop == num_slots)
             by_target = {id(t): got[i] for i, t in enumerate(targets)}
             for n, g in zip(taps, got[len(targets) :], strict=True):
                 # g: [S, B, *p.shape[1:]], the per-sample gradients of the parameter
@@ -218,19 +276,13 @@ class HookedFisher:
         and its result is used as it comes) where every op of the graph supports it, else one pass each."""
         num_slots = cot.shape[1]
         if self.batched_slots:
-            try:  # the graph is kept until a batched pass has succeeded once: a failed one falls back on it
+            try:  # the graph is kept: a failed pass (out of memory too) falls back on it
                 grads = torch.autograd.grad(
-                    logits,
-                    wanted,
-                    cot.movedim(1, 0),
-                    retain_graph=not (last and self._batched_ran),
-                    allow_unused=True,
-                    is_grads_batched=True,
+                    logits, wanted, cot.movedim(1, 0), retain_graph=True, allow_unused=True, is_grads_batched=True
                 )
-            except RuntimeError:  # an op without a batching rule: one backward pass per slot from now on
+            except RuntimeError:  # an op without a batching rule, or out of memory: one pass per slot from now on
                 self.batched_slots = False
             else:
-                self._batched_ran = True
                 return [
                     t.new_zeros(num_slots, *t.shape) if g is None else g for g, t in zip(grads, wanted, strict=True)
                 ]
@@ -327,8 +379,8 @@ class HookedFisher:
     def _check_replicas(self, x, params, constants, logits_of) -> None:
         """Per-sample copies must give the same logits, and a sample's gradient must land on its copy only
         (checked on the first two samples, with a cotangent on the last one's logits)."""
-        self._checked = True
         batch = x.shape[0]
+        self._checked = batch >= 2  # one sample cannot show mixing: the next batch is checked again
         taps = {
             n: torch.zeros(batch, *params[n].shape[1:], dtype=params[n].dtype, device=x.device, requires_grad=True)
             for n in self.replicas

@@ -35,6 +35,10 @@ from torch.nn import functional as F
 #: were mapped and faulted in afresh each time, which made the largest layers several times slower.
 BLOCK = 1 << 22
 
+#: Up to this many slots the pair matrix is summed slot by slot and row by row (one op each); beyond, by one
+#: batched matrix product per sample and channel (fewer ops, but a transposing copy of the gradients first).
+ROW_SLOTS = 16
+
 #: Materialize per-sample gradients instead of summing position pairs when pairs cost more than this many
 #: positions per slot (the extra passes over the materialized gradients are counted as these positions).
 _MATERIALIZE_PASSES = 8
@@ -93,7 +97,8 @@ def _outer_sq_pairs(x: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> torch.
     with ``M[b, (l, l')] = sum_s w[s, b] g[s, b, l] g[s, b, l']`` and ``f = 2`` off the diagonal.
 
     ``M`` and the input products are built row by row (``l`` fixed, ``l' >= l``) with the channels innermost, as
-    the backward passes lay them out, and enter one matrix product per group over the ``(b, pair)`` dimension.
+    the backward passes lay them out (``M`` by batched ``[L, S] @ [S, L]`` products instead when there are more
+    than ``ROW_SLOTS`` slots), and enter one matrix product per group over the ``(b, pair)`` dimension.
     """
     num_slots, batch, length, groups, out_f = g.shape
     in_f = x.shape[-1]
@@ -112,11 +117,17 @@ def _outer_sq_pairs(x: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> torch.
         scaled = torch.mul(g[:, sl], roots[:, sl], out=_scratch("slots", (num_slots, n, length, groups, out_f), g))
         gram = _scratch("gram", (n, pairs, groups, out_f), x)
         xx = _scratch("inputs", (n, pairs, groups, in_f), x)
+        by_rows = num_slots <= ROW_SLOTS
+        if not by_rows:  # one small product per (sample, channel): [L, S] @ [S, L]
+            cols = scaled.permute(1, 3, 4, 2, 0).reshape(n * groups * out_f, length, num_slots)
+            full = torch.bmm(cols, cols.transpose(1, 2)).view(n, groups, out_f, length * length)
+            gram.copy_(full.index_select(3, li * length + lj).permute(0, 3, 1, 2))
         for row in range(length):
-            block = gram[:, starts[row] : starts[row + 1]]
-            torch.mul(scaled[0, :, row : row + 1], scaled[0, :, row:], out=block)
-            for s in range(1, num_slots):
-                block.addcmul_(scaled[s, :, row : row + 1], scaled[s, :, row:])
+            if by_rows:
+                block = gram[:, starts[row] : starts[row + 1]]
+                torch.mul(scaled[0, :, row : row + 1], scaled[0, :, row:], out=block)
+                for s in range(1, num_slots):
+                    block.addcmul_(scaled[s, :, row : row + 1], scaled[s, :, row:])
             torch.mul(xs[:, row : row + 1], xs[:, row:], out=xx[:, starts[row] : starts[row + 1]])
         xx.mul_(factor)
         result.baddbmm_(

@@ -15,7 +15,7 @@ With cotangent ``e_k`` (one-hot at class ``k``) on ``log softmax(logits)``, a ba
 ``d log f_k / d w``.  By default (``vectorize="hooks"``, :mod:`hf_sp._fisher_hooks`) one forward pass is made
 per batch and one backward pass over the whole batch for all class slots at once (batched over the slots),
 asking only for the gradients of the layers' outputs; the exact Fisher's ``K`` classes enter as the ``K - 1``
-rows of a factor of ``diag(p) - p p^T`` (:func:`_multinomial_factor`); forward hooks save the layers' inputs, and each layer's per-sample squared gradients follow
+rows of a factor of ``diag(p) - p p^T`` (:func:`hf_sp._fisher_hooks.multinomial_rows`); forward hooks save the layers' inputs, and each layer's per-sample squared gradients follow
 from the two (as Opacus' ``GradSampleModule`` and BackPACK compute per-sample gradients), with
 :mod:`torch.func` for the layers that have no rule.  Opacus and BackPACK themselves were not adopted: Opacus
 refuses BatchNorm and fails on timm's and transformers' ViTs (parameters held by the model itself, layers
@@ -25,8 +25,8 @@ either the samples of a batch or the class slots of a sample.
 
 Three estimators of the inner sum over classes are available:
 
-* exact (default): all ``K`` classes with weights ``p_k = f_k(x_i; w0)``.  Cost: ``K`` backward
-  passes per sample.
+* exact (default): all ``K`` classes with weights ``p_k = f_k(x_i; w0)``.  Cost: ``K`` gradients per
+  sample (``K - 1`` on the hooks path).
 * ``top_k=t``: only the ``t`` most probable classes ``T_i`` of each sample, with their probabilities
   renormalized to sum to one, i.e. weights ``p_k / sum_{l in T_i} p_l`` for ``k in T_i``.  This is
   the exact Fisher of the model's predictive distribution truncated to its top ``t`` classes; it
@@ -157,45 +157,6 @@ def _class_slots(
         return labels, top_p / top_p.sum(dim=1, keepdim=True)
     labels = torch.arange(num_classes, device=probs.device).expand(batch, num_classes)
     return labels, probs
-
-
-def _multinomial_factor(probs: torch.Tensor) -> torch.Tensor:
-    """Rows ``c_1..c_{K-1}`` with ``sum_j c_j c_j^T = diag(p) - p p^T`` for each sample's ``p`` (``[B, K]`` ->
-    ``[B, K-1, K]``), by splitting off one class at a time (the Cholesky factor of the multinomial covariance)::
-
-        r_j = sum_{k >= j} p_k,   c_j[j] = sqrt(p_j r_{j+1} / r_j),   c_j[k] = -p_k sqrt(p_j / (r_j r_{j+1})) for k > j
-
-    and ``c_j[k] = 0`` for ``k < j``. ``diag(p) - p p^T = sum_k p_k (e_k - p)(e_k - p)^T`` has rank ``K - 1`` (its
-    null vector is ``1``), so the exact Fisher's ``K`` weighted squares are ``K - 1`` unweighted ones. Computed in
-    float64 with ``p`` renormalized to sum to one.
-    """
-    p = probs.double()
-    p = p / p.sum(-1, keepdim=True)
-    r = p.flip(-1).cumsum(-1).flip(-1)  # r_j
-    r_next = torch.cat([r[:, 1:], torch.zeros_like(r[:, :1])], -1)  # r_{j+1}
-    ok = (r > 0) & (r_next > 0)
-    tiny = torch.finfo(torch.float64).tiny
-    diagonal = torch.where(ok, (p * r_next / r.clamp_min(tiny)).sqrt(), 0.0)
-    scale = torch.where(ok, (p / (r * r_next).clamp_min(tiny)).sqrt(), 0.0)
-    num_classes = p.shape[-1]
-    later = torch.ones(num_classes, num_classes, dtype=torch.bool, device=p.device).triu(1)  # [j, k]: k > j
-    rows = torch.diag_embed(diagonal) - scale[:, :, None] * p[:, None, :] * later
-    return rows[:, : num_classes - 1]
-
-
-def _logit_cotangents(
-    probs: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, exact: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cotangents on the logits ``[B, S, K]`` and weights ``[B, S]`` of the slots for the hooks' backward passes.
-
-    A class slot ``k`` gets ``d log f_k / d logits = e_k - p``. The exact Fisher over all classes gets the ``K - 1``
-    rows of :func:`_multinomial_factor` with weight one instead: ``sum_k p_k (J^T (e_k - p))^2 = sum_j (J^T c_j)^2``.
-    """
-    if exact:
-        rows = _multinomial_factor(probs).to(probs.dtype)
-        return rows, torch.ones(rows.shape[:2], dtype=probs.dtype, device=probs.device)
-    one_hot = torch.nn.functional.one_hot(labels, probs.shape[-1]).to(probs.dtype)
-    return one_hot - probs[:, None, :], weights
 
 
 def resolve_vectorize(vectorize: str, device: torch.device, hooks_supported: bool = True) -> str:
@@ -367,13 +328,13 @@ def estimate_fisher(
                 labels, weights = _class_slots(probs, top_k, num_label_samples, generator)
                 num_samples += x.shape[0]
                 if hooked is not None:
-                    # The first batch checks that the hooks see independent samples; if not, torch.func takes over.
+                    # The first batches check that the hooks see independent samples (until per-sample copies were
+                    # checked on two samples); if not, torch.func takes over from that batch on.
                     before = {n: f.clone() for n, f in fisher.items()} if not hooked_ok else None
                     exact = num_label_samples is None and (top_k is None or top_k >= probs.shape[-1])
-                    cotangents, slot_weights = _logit_cotangents(probs, labels, weights, exact)
                     try:
-                        hooked.add(x, cotangents, slot_weights, params, constants, _logits, fisher)
-                        hooked_ok = True
+                        hooked.add(x, probs, labels, weights, exact, params, constants, _logits, fisher)
+                        hooked_ok = hooked.verified  # until then, a later batch may still fall back
                         continue
                     except NotPerSample:
                         if before is None:

@@ -7,9 +7,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from hf_sp._fisher_hooks import HookedFisher
+from hf_sp._fisher_hooks import HookedFisher, multinomial_rows
 from hf_sp.fisher import (
-    _multinomial_factor,
     check_fisher,
     estimate_fisher,
     load_fisher,
@@ -168,23 +167,38 @@ def test_multinomial_factor_reproduces_the_class_sum(num_classes):
         p[1] /= p[1].sum()
     p[2] = 0.0
     p[2, -1] = 1.0
-    rows = _multinomial_factor(p)
+    rows = multinomial_rows(p)
     assert rows.shape == (4, num_classes - 1, num_classes)
     expected = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
     torch.testing.assert_close(rows.transpose(1, 2) @ rows, expected, rtol=0, atol=1e-15)
     torch.testing.assert_close(rows.sum(-1), torch.zeros(4, num_classes - 1, dtype=torch.float64), rtol=0, atol=1e-15)
+    for start, stop in [(0, min(1, num_classes - 1)), (1, num_classes - 1), (num_classes // 2, num_classes - 1)]:
+        if start > stop:
+            continue
+        torch.testing.assert_close(multinomial_rows(p, start, stop), rows[:, start:stop], rtol=0, atol=0)
+
+
+def test_multinomial_factor_keeps_tiny_probabilities():
+    """A tail of 1e-170 (its square root products underflow when formed as sqrt(p_j r_{j+1} / r_j) of clamped
+    quotients) still gives the exact rows."""
+    p = torch.tensor([[0.5, 0.5 - 2e-170, 1e-170, 1e-170]], dtype=torch.float64)
+    rows = multinomial_rows(p)
+    torch.testing.assert_close(
+        rows[0, 2], torch.tensor([0.0, 0.0, 1e-170 / 2**0.5, -1e-170 / 2**0.5], dtype=torch.float64)
+    )
 
 
 def test_exact_hooks_take_one_backward_pass_fewer_than_classes(monkeypatch):
     """The exact Fisher's K weighted class slots become K - 1 unweighted ones on the hooks path; top_k keeps its k."""
     seen = []
-    real = HookedFisher.add
+    real = HookedFisher._add_chunk
 
-    def spy(self, x, cotangents, weights, *rest):
-        seen.append((tuple(cotangents.shape), bool((weights == 1).all())))
-        return real(self, x, cotangents, weights, *rest)
+    def spy(self, x, cotangents_of, num_slots, *rest):
+        cot, weights = cotangents_of(range(num_slots))
+        seen.append((tuple(cot.shape), bool((weights == 1).all())))
+        return real(self, x, cotangents_of, num_slots, *rest)
 
-    monkeypatch.setattr(HookedFisher, "add", spy)
+    monkeypatch.setattr(HookedFisher, "_add_chunk", spy)
     model, x = _tiny_model(), _inputs(3)
     estimate_fisher(model, [x], vectorize="hooks", progress=False, dtype=torch.float64)
     estimate_fisher(model, [x], top_k=2, vectorize="hooks", progress=False, dtype=torch.float64)

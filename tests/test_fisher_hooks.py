@@ -155,7 +155,7 @@ def _per_slot_floats(engine: HookedFisher, x, params, constants) -> int:
     return sum(sizes)
 
 
-@pytest.mark.parametrize("branch", ["pairs", "materialize"])
+@pytest.mark.parametrize("branch", ["pairs", "pairs-by-products", "materialize"])
 @pytest.mark.parametrize("length", [1, 3, 7])
 @pytest.mark.parametrize("block", [50, 130, 10**6], ids=["slot-by-slot", "two-slots", "one-chunk"])
 def test_outer_square_sums_both_branches(monkeypatch, branch, length, block):
@@ -165,7 +165,8 @@ def test_outer_square_sums_both_branches(monkeypatch, branch, length, block):
     x = torch.randn(3, length, 2, 5, dtype=torch.float64, generator=g_)
     g = torch.randn(4, 3, length, 2, 6, dtype=torch.float64, generator=g_)
     w = torch.rand(4, 3, dtype=torch.float64, generator=g_)
-    monkeypatch.setattr(_per_sample, "_MATERIALIZE_PASSES", 10**6 if branch == "pairs" else -(10**6))
+    monkeypatch.setattr(_per_sample, "_MATERIALIZE_PASSES", -(10**6) if branch == "materialize" else 10**6)
+    monkeypatch.setattr(_per_sample, "ROW_SLOTS", 0 if branch == "pairs-by-products" else 16)
     monkeypatch.setattr(_per_sample, "BLOCK", block)
     expected = torch.zeros(2, 6, 5, dtype=torch.float64)
     for s in range(4):
@@ -209,13 +210,55 @@ def test_a_graph_that_cannot_be_batched_over_the_slots_gets_one_backward_per_slo
     assert engine.batched_slots
     params = {n: p.detach() for n, p in net.named_parameters()}
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
-    with torch.no_grad():
-        probs = torch.softmax(net(x), -1)
-    cotangents = torch.eye(K, dtype=torch.float64)[None] - probs[:, None]  # e_k - p: d log f_k / d logits
-    engine.add(x, cotangents, probs, params, {}, lambda out: out, fisher)
+    _add_exact(engine, net, x, params, fisher)
     assert not engine.batched_slots, "the batched backward pass failed and was replaced"
     ref = _reference_fisher(net, x, _exact_slots)
     _assert_close({n: f / x.shape[0] for n, f in fisher.items()}, ref)
+
+
+def _add_exact(engine: HookedFisher, net: nn.Module, x: torch.Tensor, params, fisher) -> None:
+    with torch.no_grad():
+        probs = torch.softmax(net(x), -1)
+    labels = torch.arange(probs.shape[-1]).expand(x.shape[0], -1)
+    engine.add(x, probs, labels, probs, True, params, {}, lambda out: out, fisher)
+
+
+class _FailsOnce(torch.autograd.Function):
+    """The identity, whose second backward call runs out of memory."""
+
+    calls = 0
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        _FailsOnce.calls += 1
+        if _FailsOnce.calls == 2:
+            raise torch.OutOfMemoryError("simulated: out of memory")
+        return g
+
+
+class FailsOnce(Unbatchable):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(_FailsOnce.apply(self.lin(x))))
+
+
+def test_a_batched_pass_that_fails_after_one_succeeded_falls_back_on_the_kept_graph():
+    """The second batch's batched pass runs out of memory: its slots are redone one pass each, on the same graph."""
+    torch.manual_seed(0)
+    net = FailsOnce().double().eval()
+    x = torch.randn(6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    engine = HookedFisher(net, [n for n, _ in net.named_parameters()])
+    params = {n: p.detach() for n, p in net.named_parameters()}
+    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+    _FailsOnce.calls = 0
+    _add_exact(engine, net, x[:3], params, fisher)
+    assert engine.batched_slots and _FailsOnce.calls == 1
+    _add_exact(engine, net, x[3:], params, fisher)
+    assert not engine.batched_slots and _FailsOnce.calls == 2 + K - 1
+    _assert_close({n: f / x.shape[0] for n, f in fisher.items()}, _reference_fisher(net, x, _exact_slots))
 
 
 class CopiesFirst(nn.Module):
@@ -235,6 +278,9 @@ def test_copies_that_mix_samples_fall_back_to_torch_func():
     net = CopiesFirst().double()
     x = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     fisher = estimate_fisher(net, [x[:2], x[2:]], vectorize="hooks", progress=False, dtype=torch.float64)
+    _assert_close(fisher, _reference_fisher(net, x, _exact_slots))
+    # a first batch of one sample cannot show the mixing: the next batch is checked
+    fisher = estimate_fisher(net, [x[:1], x[1:]], vectorize="hooks", progress=False, dtype=torch.float64)
     _assert_close(fisher, _reference_fisher(net, x, _exact_slots))
 
 
