@@ -203,17 +203,24 @@ class Unbatchable(nn.Module):
 
 
 def test_a_graph_that_cannot_be_batched_over_the_slots_gets_one_backward_per_slot():
-    torch.manual_seed(0)
-    net = Unbatchable().double().eval()
-    x = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    engine = HookedFisher(net, [n for n, _ in net.named_parameters()])
+    net, x = _net_and_inputs(Unbatchable, 4)
+    engine, params, fisher = _engine(net)
     assert engine.batched_slots
-    params = {n: p.detach() for n, p in net.named_parameters()}
-    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
     _add_exact(engine, net, x, params, fisher)
     assert not engine.batched_slots, "the batched backward pass failed and was replaced"
     ref = _reference_fisher(net, x, _exact_slots)
     _assert_close({n: f / x.shape[0] for n, f in fisher.items()}, ref)
+
+
+def _net_and_inputs(model: type[nn.Module], n: int) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    return model().double().eval(), torch.randn(n, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+
+def _engine(net: nn.Module) -> tuple[HookedFisher, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The hooks on every parameter of ``net``, its detached parameters and a zero Fisher."""
+    params = {n: p.detach() for n, p in net.named_parameters()}
+    return HookedFisher(net, list(params)), params, {n: torch.zeros_like(p) for n, p in params.items()}
 
 
 def _add_exact(engine: HookedFisher, net: nn.Module, x: torch.Tensor, params, fisher) -> None:
@@ -247,12 +254,8 @@ class FailsOnce(Unbatchable):
 
 def test_a_batched_pass_that_fails_after_one_succeeded_falls_back_on_the_kept_graph():
     """The second batch's batched pass runs out of memory: its slots are redone one pass each, on the same graph."""
-    torch.manual_seed(0)
-    net = FailsOnce().double().eval()
-    x = torch.randn(6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    engine = HookedFisher(net, [n for n, _ in net.named_parameters()])
-    params = {n: p.detach() for n, p in net.named_parameters()}
-    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+    net, x = _net_and_inputs(FailsOnce, 6)
+    engine, params, fisher = _engine(net)
     _FailsOnce.calls = 0
     _add_exact(engine, net, x[:3], params, fisher)
     assert engine.batched_slots and _FailsOnce.calls == 1
