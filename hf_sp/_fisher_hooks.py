@@ -12,7 +12,8 @@ logits of a class slot ``k``; with ``exact`` (all classes, weighted by ``p``) th
   only: no weight gradient is computed);
 * parameters held directly by a module without a rule, whose first dimension is 1 and broadcast over the batch
   (a ViT's ``cls_token`` and ``pos_embed``), are replaced by one copy per sample, whose gradients are then
-  the per-sample gradients; checked once, on two samples (same logits, gradients of a sample only on its copy);
+  the per-sample gradients; checked on the first batch of two samples or more, on two of them (same logits,
+  the gradients of a sample only on its copy);
 * every other parameter falls back to :mod:`torch.func`, locally: the module that holds it is re-run under
   ``vmap`` over the samples on its saved inputs, with a VJP of the saved output gradient.
 
