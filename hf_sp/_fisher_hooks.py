@@ -178,7 +178,7 @@ class HookedFisher:
         num_slots = probs.shape[-1] - 1 if exact else labels.shape[1]
         if num_slots == 0:
             return
-        if not self._checked and self.replicas:
+        if not self.verified:
             self._check_replicas(x[:2], params, constants, logits_of)
         samples, slot_step = self._chunk(x, num_slots, params, constants)
         with workspace():
@@ -272,7 +272,8 @@ class HookedFisher:
             u.calls.clear()
 
     def _backward(self, logits, wanted, cot, last: bool) -> list[torch.Tensor]:
-        """``got[t][s]``: the gradient of ``wanted[t]`` for the cotangent ``cot[:, s]`` on the logits (``[S, B, ...]``).
+        """``got[t][s]``: the gradient of ``wanted[t]`` for the cotangent ``cot[:, s]`` on the logits
+        (``[S, B, ...]``).
         The slots go through one batched backward pass (``is_grads_batched``: every op runs once over all of them,
         and its result is used as it comes) where every op of the graph supports it, else one pass each."""
         num_slots = cot.shape[1]
@@ -387,7 +388,7 @@ class HookedFisher:
             for n in self.replicas
         }
         with torch.enable_grad():
-            replaced = {n: params[n].detach().expand(batch, *params[n].shape[1:]) + taps[n] for n in self.replicas}
+            replaced = {n: params[n].expand(batch, *params[n].shape[1:]) + taps[n] for n in self.replicas}
             logits = logits_of(functional_call(self.model, ({**params, **replaced}, constants), (x,)))
         with torch.no_grad():
             plain = logits_of(functional_call(self.model, (params, constants), (x,)))

@@ -93,8 +93,8 @@ def _outer_sq(x: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor
 
 
 def _outer_sq_pairs(x: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """:func:`_outer_sq` by position pairs ``l <= l'``: ``sum_{b, l <= l'} M[b, (l, l'), o] * f * x[b, l, i] x[b, l', i]``
-    with ``M[b, (l, l')] = sum_s w[s, b] g[s, b, l] g[s, b, l']`` and ``f = 2`` off the diagonal.
+    """:func:`_outer_sq` by position pairs ``l <= l'``:
+    ``sum_{b, l <= l'} M[b, (l, l'), o] * f * x[b, l, i] x[b, l', i]`` with ``M[b, (l, l')] = sum_s w[s, b] g[s, b, l] g[s, b, l']`` and ``f = 2`` off the diagonal.
 
     ``M`` and the input products are built row by row (``l`` fixed, ``l' >= l``) with the channels innermost, as
     the backward passes lay them out (``M`` by batched ``[L, S] @ [S, L]`` products instead when there are more

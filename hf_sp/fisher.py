@@ -15,8 +15,8 @@ With cotangent ``e_k`` (one-hot at class ``k``) on ``log softmax(logits)``, a ba
 ``d log f_k / d w``.  By default (``vectorize="hooks"``, :mod:`hf_sp._fisher_hooks`) one forward pass is made
 per batch and one backward pass over the whole batch for all class slots at once (batched over the slots),
 asking only for the gradients of the layers' outputs; the exact Fisher's ``K`` classes enter as the ``K - 1``
-rows of a factor of ``diag(p) - p p^T`` (:func:`hf_sp._fisher_hooks.multinomial_rows`); forward hooks save the layers' inputs, and each layer's per-sample squared gradients follow
-from the two (as Opacus' ``GradSampleModule`` and BackPACK compute per-sample gradients), with
+rows of a factor of ``diag(p) - p p^T`` (:func:`hf_sp._fisher_hooks.multinomial_rows`); forward hooks save the
+layers' inputs, and each layer's per-sample squared gradients follow from the two (as Opacus' ``GradSampleModule`` and BackPACK compute per-sample gradients), with
 :mod:`torch.func` for the layers that have no rule.  Opacus and BackPACK themselves were not adopted: Opacus
 refuses BatchNorm and fails on timm's and transformers' ViTs (parameters held by the model itself, layers
 called outside their ``forward``), BackPACK's graph converter fails on both ViTs.  The other ``vectorize``
@@ -224,8 +224,8 @@ def estimate_fisher(
         generator: random generator for ``num_label_samples``.
         progress: show a tqdm progress bar over the batches.
         dtype: floating dtype of the returned tensors (default ``torch.float32``).
-        vectorize: ``"hooks"``: one forward pass per batch, one backward pass batched over the class slots, per-sample
-            squares from layer inputs and output gradients (:mod:`hf_sp._fisher_hooks`; models whose samples
+        vectorize: ``"hooks"``: one forward pass per batch, one backward pass batched over the class slots,
+            per-sample squares from layer inputs and output gradients (:mod:`hf_sp._fisher_hooks`; models whose samples
             interact, through BatchNorm on batch statistics or parameters tied between modules, use the
             ``torch.func`` path instead); ``"samples"``: ``vmap`` over the samples of a batch, one VJP per class
             slot; ``"classes"``: one forward pass per sample and ``vmap`` over its class slots (faster than
