@@ -39,6 +39,12 @@ from ._per_sample import RULES, rule_for, workspace
 #: into groups of backward passes when one sample's slots alone exceed it.
 GRADIENT_BUDGET = 1 << 27
 
+#: Floats of one layer's saved output gradients (slots x samples x that layer's activations) at a time: 32 MiB of
+#: fp32, the largest block glibc's malloc serves from its heap (``DEFAULT_MMAP_THRESHOLD_MAX``). A larger block is
+#: mapped afresh at every allocation and page-faulted as it is first written, and the backward pass allocates
+#: several of that size per layer. Chunks of samples (then groups of slots) keep the largest layer's below it.
+LAYER_BUDGET = 1 << 23
+
 
 #: Whether the slots' backward passes are batched into one (``torch.autograd.grad(..., is_grads_batched=True)``).
 BATCHED_SLOTS = True
@@ -109,7 +115,7 @@ class HookedFisher:
         self._checked = False
         #: one batched backward pass over the slots (see _backward); cleared when the graph does not support it
         self.batched_slots = BATCHED_SLOTS
-        self._sizes: dict[tuple, int] = {}  # floats of one sample's output gradients, per input shape and dtype
+        self._sizes: dict[tuple, tuple[int, int]] = {}  # one sample's output gradients: all, largest layer
         self._walk(model, "")
 
     @property
@@ -197,8 +203,9 @@ class HookedFisher:
 
     def _chunk(self, x, num_slots, params, constants) -> tuple[int, int]:
         """Samples per forward chunk and slots per group of backward passes, so that the saved output gradients stay
-        within GRADIENT_BUDGET; the chunks are made as even as their number allows. The floats of one sample's
-        output gradients are counted by a forward pass on one sample, once per input shape."""
+        within GRADIENT_BUDGET, and those of the largest layer within LAYER_BUDGET; the chunks are made as even as
+        their number allows. The floats of one sample's output gradients (all layers', the largest layer's) are
+        counted by a forward pass on one sample, once per input shape."""
         key = (tuple(x.shape[1:]), x.dtype)
         if key not in self._sizes:
             probe: list[int] = []
@@ -216,12 +223,16 @@ class HookedFisher:
             finally:
                 for h in hooks:
                     h.remove()
-            self._sizes[key] = max(1, sum(probe))
-        per_slot = self._sizes[key]  # one sample, one slot
+            self._sizes[key] = (max(1, sum(probe)), max([1, *probe]))
+        per_slot, largest = self._sizes[key]  # one sample, one slot: all layers, the largest layer
+
+        def within(count: int) -> int:  # samples for ``count`` slots, or slots for ``count`` samples
+            return min(GRADIENT_BUDGET // (per_slot * count), LAYER_BUDGET // (largest * count))
+
         batch = x.shape[0]
-        samples = max(1, min(batch, GRADIENT_BUDGET // (per_slot * num_slots)))
+        samples = max(1, min(batch, within(num_slots)))
         samples = -(-batch // -(-batch // samples))  # ceil(batch / number of chunks)
-        slots = max(1, min(num_slots, GRADIENT_BUDGET // (per_slot * samples)))
+        slots = max(1, min(num_slots, within(samples)))
         return samples, slots
 
     def _add_chunk(self, x, cotangents_of, num_slots, slot_step, params, constants, logits_of, fisher) -> None:

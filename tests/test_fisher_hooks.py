@@ -112,15 +112,17 @@ def test_hooks_match_the_loop_for_every_rule(monkeypatch, model, x, batched):
         assert kinds["conv2"] == "torch.func" and kinds["conv1"] == kinds["bn"] == kinds["norm"] == "rule"
 
 
+@pytest.mark.parametrize("which", ["GRADIENT_BUDGET", "LAYER_BUDGET"], ids=["all-layers", "largest-layer"])
 @pytest.mark.parametrize(
     ("budget", "chunks"),
     [(10**9, (5, 3)), (1, (1, 1)), (2, (1, 2)), (12, (3, 3))],
     ids=["one-chunk", "sample-and-slot-by-slot", "slots-in-groups", "even-sample-chunks"],
 )
-def test_gradient_budget_splits_samples_then_slots(monkeypatch, budget, chunks):
+def test_gradient_budget_splits_samples_then_slots(monkeypatch, which, budget, chunks):
     """Samples are split into even forward chunks first; slots into groups only when one sample's slots exceed the
-    budget (``budget`` in units of one sample's output gradients for one slot; 5 samples, K - 1 = 3 exact slots:
-    a budget of 12 fits 4 samples with all their slots, and the 5 samples go in chunks of 3 and 2, not 4 and 1)."""
+    budget (``budget`` in units of one sample's output gradients for one slot, of all layers for GRADIENT_BUDGET, of
+    the largest layer for LAYER_BUDGET, the other budget unbounded; 5 samples, K - 1 = 3 exact slots: a budget of
+    12 fits 4 samples with all their slots, and the 5 samples go in chunks of 3 and 2, not 4 and 1)."""
     torch.manual_seed(0)
     net = Images().double()
     x = torch.randn(5, 4, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
@@ -134,16 +136,20 @@ def test_gradient_budget_splits_samples_then_slots(monkeypatch, budget, chunks):
         "_add_chunk",
         lambda self, xs, c, w, step, *rest: calls.append((xs.shape[0], step)) or real(self, xs, c, w, step, *rest),
     )
-    per_slot = _per_slot_floats(engine, x, params, constants)
-    monkeypatch.setattr(_fisher_hooks, "GRADIENT_BUDGET", int(budget * per_slot))
+    all_layers, largest = _per_slot_floats(engine, x, params, constants)
+    assert largest < all_layers  # the two budgets count different floats
+    monkeypatch.setattr(_fisher_hooks, "GRADIENT_BUDGET", 10**12)
+    monkeypatch.setattr(_fisher_hooks, "LAYER_BUDGET", 10**12)
+    monkeypatch.setattr(_fisher_hooks, which, int(budget * (all_layers if which == "GRADIENT_BUDGET" else largest)))
     fisher = estimate_fisher(net, [x], vectorize="hooks", progress=False, dtype=torch.float64)
     assert {step for _, step in calls} == {chunks[1]} and max(n for n, _ in calls) == chunks[0]
     assert sum(n for n, _ in calls) == 5
     _assert_close(fisher, _reference_fisher(net, x, _exact_slots))
 
 
-def _per_slot_floats(engine: HookedFisher, x, params, constants) -> int:
-    """Floats of one sample's saved output gradients for one slot (what GRADIENT_BUDGET counts)."""
+def _per_slot_floats(engine: HookedFisher, x, params, constants) -> tuple[int, int]:
+    """Floats of one sample's saved output gradients for one slot, of all layers and of the largest layer (what
+    GRADIENT_BUDGET and LAYER_BUDGET count)."""
     sizes = []
     hooks = [u.module.register_forward_hook(lambda m, a, o: sizes.append(o[0].numel())) for u in engine.units]
     try:
@@ -152,7 +158,7 @@ def _per_slot_floats(engine: HookedFisher, x, params, constants) -> int:
     finally:
         for h in hooks:
             h.remove()
-    return sum(sizes)
+    return sum(sizes), max(sizes)
 
 
 @pytest.mark.parametrize("branch", ["pairs", "pairs-by-products", "materialize"])
