@@ -7,9 +7,12 @@ logits of a class slot ``k``; with ``exact`` (all classes, weighted by ``p``) th
 :func:`multinomial_rows` with weight one instead, one backward pass fewer:
 
 * parameters of layers with a rule (:mod:`hf_sp._per_sample`: Linear, Conv1d/2d, norms, Embedding) get it from the
-  layer's input (saved by a forward hook) and the gradient of its output (one ``autograd.grad`` over the whole
-  batch, batched over the slots where the graph allows it, else one per slot, asking for activation gradients
-  only: no weight gradient is computed);
+  layer's input (saved by a forward hook) and the gradient of its output (``autograd.grad`` over the whole batch,
+  batched over the slots where the graph allows it, else one per slot, asking for activation gradients only: no
+  weight gradient is computed). The backward pass is made in parts, split where the graph has a cut
+  (:mod:`hf_sp._graph_cuts`: the output of a block that every earlier layer reaches the logits through), and each
+  part's output gradients are turned into squares before the next part runs: one part's gradients are held at a
+  time, not every layer's;
 * parameters held directly by a module without a rule, whose first dimension is 1 and broadcast over the batch
   (a ViT's ``cls_token`` and ``pos_embed``), are replaced by one copy per sample, whose gradients are then
   the per-sample gradients; checked on the first batch of two samples or more, on two of them (same logits,
@@ -25,13 +28,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ._graph_cuts import cut_points
 from ._per_sample import RULES, rule_for, workspace
 
 #: Floats of saved output gradients (slots x samples x activations) at a time: 512 MiB of fp32. Samples are split
@@ -93,6 +97,16 @@ def _cotangents(probs, labels, weights, exact: bool, slots: range) -> tuple[torc
     return one_hot - probs[:, None, :], weights[:, slots.start : slots.stop]
 
 
+class _Event(NamedTuple):
+    """A tensor made by the forward pass whose gradient may be asked for: a unit's output (``target``) or a stage's;
+    ``node`` is its clone's autograd node (the only way to it), ``cut`` whether the backward pass may stop there."""
+
+    tensor: torch.Tensor
+    node: Any
+    target: bool
+    cut: bool
+
+
 class _Unit:
     def __init__(self, prefix: str, module: nn.Module, names: dict[str, str], rule: Callable | None) -> None:
         self.prefix, self.module, self.rule = prefix, module, rule
@@ -117,6 +131,7 @@ class HookedFisher:
         self.batched_slots = BATCHED_SLOTS
         self._sizes: dict[tuple, tuple[int, int]] = {}  # one sample's output gradients: all, largest layer
         self._walk(model, "")
+        self.stages = self._stages(model)
 
     @property
     def verified(self) -> bool:
@@ -155,8 +170,23 @@ class HookedFisher:
         for name, child in module.named_children():
             self._walk(child, full(name))
 
+    def _stages(self, model: nn.Module) -> list[nn.Module]:
+        """Modules whose outputs may split the backward pass (besides the units'): the model's children and the
+        members of every ``nn.Sequential`` / ``nn.ModuleList`` (a network's stages and blocks), outside the units."""
+        units = {id(u.module) for u in self.units}
+        inside = {id(m) for u in self.units for m in u.module.modules()}
+        stages, seen = [], set()
+        for parent in model.modules():
+            if id(parent) in inside or not (parent is model or isinstance(parent, (nn.Sequential, nn.ModuleList))):
+                continue
+            for child in parent.children():
+                if id(child) not in units and id(child) not in seen:
+                    seen.add(id(child))
+                    stages.append(child)
+        return stages
+
     # ------------------------------------------------------------------------------------------------------
-    def _hook(self, unit: _Unit, module, args, kwargs, output):
+    def _hook(self, unit: _Unit, events: list[_Event], module, args, kwargs, output):
         # The output is cloned so that an in-place op after the layer (ReLU(inplace=True), x += shortcut) changes
         # the clone, not the tensor whose gradient is asked for; inputs are checked for in-place changes instead.
         leaves, spec = tree_flatten(output)
@@ -164,7 +194,21 @@ class HookedFisher:
         saved_args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
         versions = [a._version for a in saved_args if isinstance(a, torch.Tensor)]
         unit.calls.append((saved_args, kwargs, leaves, versions))
+        pairs = [(t, c) for t, c in zip(leaves, clones, strict=True) if isinstance(t, torch.Tensor) and t.requires_grad]
+        events += [_Event(t, c.grad_fn, target=True, cut=len(pairs) == 1) for t, c in pairs]
         return tree_unflatten(clones, spec)
+
+    @staticmethod
+    def _stage_hook(events: list[_Event], module, args, output):
+        """A stage's output becomes a cut candidate (cloned like a unit's, so that its node has one input: the
+        gradient asked for is the one that reaches the clone); one passed through unchanged is not."""
+        if not (isinstance(output, torch.Tensor) and output.requires_grad):
+            return None
+        if any(output is a for a in args) or any(output.grad_fn is e.node for e in events):
+            return None
+        clone = output.clone()
+        events.append(_Event(output, clone.grad_fn, target=False, cut=True))
+        return clone
 
     def add(
         self,
@@ -237,7 +281,12 @@ class HookedFisher:
 
     def _add_chunk(self, x, cotangents_of, num_slots, slot_step, params, constants, logits_of, fisher) -> None:
         """One forward pass over ``x``, then per group of slots: ``cotangents_of(slots)`` -> (cotangents on the
-        logits ``[B, S', K]``, weights ``[B, S']``), the backward pass(es), the rules."""
+        logits ``[B, S', K]``, weights ``[B, S']``), the backward passes, the rules.
+
+        The backward pass is split at the cuts of the graph (:mod:`hf_sp._graph_cuts`; a network's blocks, mostly):
+        each part asks for the output gradients of the layers it crosses and for the gradient of the cut below,
+        which starts the next part, and the layers whose gradients are all in are turned into squares at once, so
+        that only one part's gradients are held at a time."""
         batch = x.shape[0]
         leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
         taps = {
@@ -245,7 +294,9 @@ class HookedFisher:
             for n in self.replicas
         }
         replaced = {n: leaves[n].expand(batch, *leaves[n].shape[1:]) + taps[n] for n in self.replicas}
-        handles = [u.module.register_forward_hook(partial(self._hook, u), with_kwargs=True) for u in self.units]
+        events: list[_Event] = []
+        handles = [u.module.register_forward_hook(partial(self._hook, u, events), with_kwargs=True) for u in self.units]
+        handles += [m.register_forward_hook(partial(self._stage_hook, events)) for m in self.stages]
         for u in self.units:
             u.calls.clear()
         try:
@@ -259,39 +310,77 @@ class HookedFisher:
             for saved, _, _, versions in u.calls:
                 if [a._version for a in saved if isinstance(a, torch.Tensor)] != versions:
                     raise NotPerSample(f"the input of {u.prefix or 'the model'} was changed in place")
-        targets = [t for u in self.units for call in u.calls for t in call[2] if isinstance(t, torch.Tensor)]
-        targets = [t for t in targets if t.requires_grad]
-        wanted = targets + list(taps.values())
+        passes = self._passes(logits, events, replaced, taps)
         for s0 in range(0, num_slots, slot_step):
             slots = range(s0, min(num_slots, s0 + slot_step))
             cot, weights = cotangents_of(slots)
             ws = weights.T.contiguous().to(logits.dtype)  # [S', B]
-            got = self._backward(logits, wanted, cot.to(logits.dtype), last=slots.stop == num_slots)
-            by_target = {id(t): got[i] for i, t in enumerate(targets)}
-            for n, g in zip(taps, got[len(targets) :], strict=True):
-                # g: [S, B, *p.shape[1:]], the per-sample gradients of the parameter
-                sq = torch.einsum("sb...,sb->...", g.square(), ws.to(g.dtype))
-                fisher[n] += sq.reshape(fisher[n].shape).to(fisher[n].dtype)
-            del got
-            for u in self.units:
-                if u.rule is not None:
-                    self._add_rule(u, by_target, ws, fisher)
-                else:
-                    self._add_fallback(u, by_target, ws, params, constants, fisher)
-            del by_target
+            last = slots.stop == num_slots
+            pending = [u for u in self.units if self._targets(u)]
+            by_target: dict[int, torch.Tensor] = {}
+            start, grad = logits, cot.to(logits.dtype).movedim(1, 0)  # [S', B, K]
+            for targets, cut, tapped in passes:
+                wanted = targets + ([] if cut is None or any(cut is t for t in targets) else [cut])
+                got = self._backward(start, wanted + [taps[n] for n in tapped], grad, last)
+                by_target.update((id(t), g) for t, g in zip(wanted, got[: len(wanted)], strict=True))
+                for n, g in zip(tapped, got[len(wanted) :], strict=True):
+                    # g: [S, B, *p.shape[1:]], the per-sample gradients of the parameter
+                    sq = torch.einsum("sb...,sb->...", g.square(), ws.to(g.dtype))
+                    fisher[n] += sq.reshape(fisher[n].shape).to(fisher[n].dtype)
+                if cut is not None:  # the next part starts there; a stage's gradient is no unit's
+                    start, grad = cut, by_target[id(cut)] if targets and cut is targets[0] else by_target.pop(id(cut))
+                del got
+                pending = self._add_ready(pending, by_target, ws, params, constants, fisher)
+            del by_target, grad
         for u in self.units:
             u.calls.clear()
 
-    def _backward(self, logits, wanted, cot, last: bool) -> list[torch.Tensor]:
-        """``got[t][s]``: the gradient of ``wanted[t]`` for the cotangent ``cot[:, s]`` on the logits
-        (``[S, B, ...]``).
+    @staticmethod
+    def _targets(u: _Unit) -> list[torch.Tensor]:
+        return [t for call in u.calls for t in call[2] if isinstance(t, torch.Tensor) and t.requires_grad]
+
+    def _passes(self, logits, events, replaced, taps) -> list[tuple[list[torch.Tensor], torch.Tensor | None, list[str]]]:
+        """The parts of the backward pass, from the logits down: (the unit outputs it asks for, the cut where it
+        stops or ``None``, the per-sample copies it asks for)."""
+        nodes = [replaced[n].grad_fn for n in taps] + [e.node for e in events]
+        first = len(taps)
+        candidates = {first + i for i, e in enumerate(events) if e.cut}
+        counted = set(range(first)) | {first + i for i, e in enumerate(events) if e.target}
+        cuts = [] if logits.grad_fn is None else cut_points(logits.grad_fn, nodes, candidates, counted)
+        bounds = [first, *cuts, len(nodes)]
+        passes = []
+        for k in reversed(range(len(bounds) - 1)):
+            part = events[bounds[k] - first : bounds[k + 1] - first]
+            cut = events[bounds[k] - first].tensor if k > 0 else None
+            passes.append(([e.tensor for e in part if e.target], cut, list(taps) if k == 0 else []))
+        return passes
+
+    def _add_ready(self, pending: list[_Unit], by_target, w, params, constants, fisher) -> list[_Unit]:
+        """Turn the units whose output gradients are all in into squares, drop their gradients; the rest wait."""
+        waiting = []
+        for u in pending:
+            targets = self._targets(u)
+            if not all(id(t) in by_target for t in targets):
+                waiting.append(u)
+                continue
+            if u.rule is not None:
+                self._add_rule(u, by_target, w, fisher)
+            else:
+                self._add_fallback(u, by_target, w, params, constants, fisher)
+            for t in targets:
+                by_target.pop(id(t), None)
+        return waiting
+
+    def _backward(self, start, wanted, grad, last: bool) -> list[torch.Tensor]:
+        """``got[t][s]``: the gradient of ``wanted[t]`` for the cotangent ``grad[s]`` on ``start`` (``[S, ...]``
+        each).
         The slots go through one batched backward pass (``is_grads_batched``: every op runs once over all of them,
         and its result is used as it comes) where every op of the graph supports it, else one pass each."""
-        num_slots = cot.shape[1]
+        num_slots = grad.shape[0]
         if self.batched_slots:
             try:  # the graph is kept: a failed pass (out of memory too) falls back on it
                 grads = torch.autograd.grad(
-                    logits, wanted, cot.movedim(1, 0), retain_graph=True, allow_unused=True, is_grads_batched=True
+                    start, wanted, grad, retain_graph=True, allow_unused=True, is_grads_batched=True
                 )
             except RuntimeError:  # an op without a batching rule, or out of memory: one pass per slot from now on
                 self.batched_slots = False
@@ -304,7 +393,7 @@ class HookedFisher:
         buffers = [t.new_empty(num_slots, *t.shape) for t in wanted]
         for s in range(num_slots):
             grads = torch.autograd.grad(
-                logits, wanted, cot[:, s], retain_graph=not last or s < num_slots - 1, allow_unused=True
+                start, wanted, grad[s], retain_graph=not last or s < num_slots - 1, allow_unused=True
             )
             for buf, g in zip(buffers, grads, strict=True):
                 if g is None:

@@ -340,3 +340,76 @@ def test_output_gradient_sizes_are_probed_once_per_input_shape():
     ref = _reference_fisher(net, x, _exact_slots)
     small = _reference_fisher(net, x[:3, :, :5, :5], _exact_slots)
     _assert_close(fisher, {n: (ref[n] * 8 + small[n] * 3) / 11 for n in ref})
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the backward pass split at the graph's cuts
+
+
+class Residual(nn.Module):
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(n)
+        self.lin = nn.Linear(n, n)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + torch.tanh(self.lin(self.norm(h)))
+
+
+class Blocks(nn.Module):
+    """Residual blocks (a stage's output dominates its layers, a layer's own output inside a block does not: the
+    residual goes around it); a Linear called between two blocks and again after them (its two calls' gradients come
+    from different parts and add up before squaring); and a block whose output does not dominate the block before it
+    (that block's output also reaches the head directly)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(6, 6)
+        self.blocks = nn.Sequential(Residual(6), Residual(6), Residual(6))
+        self.shared = nn.Linear(6, 6)
+        self.skip = nn.Sequential(Residual(6), Residual(6))
+        self.head = nn.Linear(12, K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.shared(self.blocks[0](self.stem(x)))
+        h = self.shared(self.blocks[2](self.blocks[1](h)))
+        d1 = self.skip[0](h)
+        return self.head(torch.cat([d1, self.skip[1](d1)], -1))
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["one-batched-backward", "one-backward-per-slot"])
+def test_the_backward_pass_is_split_at_the_cuts_of_the_graph(monkeypatch, batched):
+    monkeypatch.setattr(_fisher_hooks, "BATCHED_SLOTS", batched)
+    net, x = _net_and_inputs(Blocks, 5)
+    passes = []
+    real = _fisher_hooks.HookedFisher._passes
+    monkeypatch.setattr(
+        _fisher_hooks.HookedFisher, "_passes", lambda self, *a: passes.append(real(self, *a)) or passes[-1]
+    )
+    fisher = estimate_fisher(net, [x[:3], x[3:]], vectorize="hooks", progress=False, dtype=torch.float64)
+    _assert_close(fisher, _reference_fisher(net, x, _exact_slots))
+    # cuts after blocks[0], [1], [2] and skip[0]; not after skip[1] (skip[0]'s output goes round it), nor after a
+    # call of shared (right after a cut: a part with nothing to ask for)
+    assert [len(p) for p in passes] == [5, 5]
+    asked = [len(targets) for targets, _, _ in passes[0]]
+    assert asked == [3, 3, 2, 3, 3], "each part asks only for the layers it crosses"
+    assert [cut is None for _, cut, _ in passes[0]] == [False] * 4 + [True]
+
+
+def test_dominators_of_a_graph_with_two_paths():
+    from hf_sp._graph_cuts import cut_points, dominators
+
+    x = torch.randn(3, requires_grad=True)
+    a = x * 2
+    b, c = a.sin(), a.cos()
+    d = b + c
+    root = d.sum().grad_fn
+    idom, _ = dominators(root)
+    add = root.next_functions[0][0]
+    assert idom[add] is root and idom[b.grad_fn] is add and idom[c.grad_fn] is add
+    assert idom[a.grad_fn] is add, "a is reached through b and through c: only their sum dominates it"
+    # a and d dominate what came before them; b does not dominate a (c is the other way round it)
+    nodes = [a.grad_fn, b.grad_fn, c.grad_fn, add]
+    assert cut_points(root, nodes, {1, 2, 3}, {0, 1, 2, 3}) == [3]
+    assert cut_points(root, nodes, {1, 2, 3}, {1, 2, 3}) == [3], "a cut is kept only after a counted node"
+    assert cut_points(root, nodes, {3}, set()) == []

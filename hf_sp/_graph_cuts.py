@@ -1,0 +1,102 @@
+"""Cut points of an autograd graph, where one backward pass can stop and the next one start (the Fisher's hooks).
+
+A backward pass from ``root`` (the logits' node) reaches a node ``t`` only along paths of the graph; a node ``c``
+*dominates* ``t`` when every path from ``root`` to ``t`` runs through ``c``. Then the gradient of anything at or
+below ``t`` is a function of the gradient arriving at ``c`` alone, so the backward pass can be split there: a first
+pass from ``root`` down to ``c``, then a second from ``c``, with the first pass's gradient of ``c`` as its cotangent,
+down to ``t``. The hooks use this to take each stretch of layers' output gradients and turn them into squares
+before the next stretch is computed, so that the gradients of all layers are never held at once (on CPU, the
+hundreds of megabytes of fresh memory they took were page-faulted in at every batch).
+
+The dominators come from one pass over the graph in topological order (the graph is acyclic), with the
+``intersect`` step of Cooper, Harvey and Kennedy's "A Simple, Fast Dominance Algorithm" (2001).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+Node = Any  # torch.autograd.graph.Node (identity is the C++ node: the same Python object while it is alive)
+
+
+def _children(node: Node) -> list[Node]:
+    return [n for n, _ in node.next_functions if n is not None]
+
+
+def dominators(root: Node) -> tuple[dict[Node, Node], dict[Node, int]]:
+    """The immediate dominator of every node reachable from ``root`` (``root``'s is itself) and each node's
+    post-order number (``root`` has the largest)."""
+    order: list[Node] = []
+    seen = {root}
+    stack = [(root, iter(_children(root)))]
+    while stack:  # iterative depth-first post-order: graphs of deep models are thousands of nodes deep
+        node, rest = stack[-1]
+        for child in rest:
+            if child not in seen:
+                seen.add(child)
+                stack.append((child, iter(_children(child))))
+                break
+        else:
+            stack.pop()
+            order.append(node)
+    number = {n: i for i, n in enumerate(order)}
+    parents: dict[Node, list[Node]] = {}
+    for node in order:
+        for child in _children(node):
+            parents.setdefault(child, []).append(node)
+    idom = {root: root}
+
+    def intersect(a: Node, b: Node) -> Node:
+        while a is not b:
+            while number[a] < number[b]:
+                a = idom[a]
+            while number[b] < number[a]:
+                b = idom[b]
+        return a
+
+    for node in reversed(order):  # reverse post-order of a DAG: every parent before its children
+        if node is root:
+            continue
+        above = parents[node]
+        dom = above[0]
+        for p in above[1:]:
+            dom = intersect(dom, p)
+        idom[node] = dom
+    return idom, number
+
+
+def cut_points(root: Node, nodes: Sequence[Node | None], candidates: set[int], counted: set[int]) -> list[int]:
+    """Where the backward pass from ``root`` can be split: the indices ``c`` in ``candidates`` (into ``nodes``) whose
+    node dominates every node before it that ``root`` reaches, in increasing order.
+
+    ``nodes`` are in the order the forward pass made them (``None``: not in the graph). A pass that stops at a cut
+    ``c`` and the next one that starts there share ``nodes[c]``; a cut is kept only if the stretch from the previous
+    kept cut (that one included) up to it holds at least one of the ``counted`` nodes, so that no pass is made for
+    nothing.
+    """
+    idom, _ = dominators(root)
+    wanted = {nodes[c] for c in candidates if nodes[c] is not None}
+    chains: list[set[Node] | None] = []  # for every reachable node, the candidate nodes that dominate it
+    for node in nodes:
+        if node is None or node not in idom:
+            chains.append(None)
+            continue
+        chain, x = set(), node
+        while x is not root:
+            if x in wanted:
+                chain.add(x)
+            x = idom[x]
+        chains.append(chain)
+    cuts: list[int] = []
+    since = 0  # counted nodes from the last kept cut on
+    for i, chain in enumerate(chains):
+        if chain is None:
+            continue
+        # dominance is transitive: a node that dominates the last cut dominates everything before it
+        last = cuts[-1] if cuts else 0
+        if i in candidates and since and all(ch is None or nodes[i] in ch for ch in chains[last:i]):
+            cuts.append(i)
+            since = 0
+        since += i in counted
+    return cuts
