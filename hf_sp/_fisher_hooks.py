@@ -129,7 +129,7 @@ class HookedFisher:
         self._checked = False
         #: one batched backward pass over the slots (see _backward); cleared when the graph does not support it
         self.batched_slots = BATCHED_SLOTS
-        self._sizes: dict[tuple, tuple[int, int]] = {}  # one sample's output gradients: all, largest layer
+        self._sizes: dict[tuple, tuple[int, int, int]] = {}  # one sample's output gradients: all, largest; classes
         self._walk(model, "")
         self.stages = self._stages(model)
 
@@ -210,46 +210,55 @@ class HookedFisher:
         events.append(_Event(output, clone.grad_fn, target=False, cut=True))
         return clone
 
+    def num_classes(self, x: torch.Tensor, params, constants, logits_of: Callable[[Any], torch.Tensor]) -> int:
+        """The number of classes of the logits for inputs shaped like ``x`` (from the size probe of
+        :meth:`_chunk`, once per input shape)."""
+        return self._probe(x, params, constants, logits_of)[2]
+
     def add(
         self,
         x: torch.Tensor,
-        probs: torch.Tensor,
-        labels: torch.Tensor,
-        weights: torch.Tensor,
+        draw: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
         exact: bool,
+        num_slots: int,
         params: dict[str, torch.Tensor],
         constants: dict[str, torch.Tensor],
         logits_of: Callable[[Any], torch.Tensor],
         fisher: dict[str, torch.Tensor],
     ) -> None:
-        """Add this batch's weighted per-sample squares to ``fisher``: ``labels``/``weights`` ``[B, S]`` the class
-        slots, ``probs`` ``[B, K]``; ``exact``: the slots are all classes weighted by ``probs`` (then ``K - 1``
-        factor rows are used). The cotangents are made per chunk of samples and group of slots."""
-        num_slots = probs.shape[-1] - 1 if exact else labels.shape[1]
+        """Add this batch's weighted per-sample squares to ``fisher``: ``draw(probs [B, K])`` gives the class slots
+        (``labels``, ``weights``, ``[B, num_slots]``); ``exact``: the slots are all classes weighted by the
+        probabilities (then ``K - 1`` factor rows are used, ``num_slots = K - 1``). The probabilities come from the
+        hooked forward pass itself when the batch is one chunk, else from a forward pass over the whole batch
+        first (the slots are drawn once per batch). The cotangents are made per chunk of samples and group of
+        slots."""
         if num_slots == 0:
             return
         if not self.verified:
             self._check_replicas(x[:2], params, constants, logits_of)
-        samples, slot_step = self._chunk(x, num_slots, params, constants)
+        samples, slot_step = self._chunk(x, num_slots, params, constants, logits_of)
+
+        def slots_of(logits: torch.Tensor) -> Callable[[range], tuple[torch.Tensor, torch.Tensor]]:
+            probs = torch.softmax(logits.detach(), dim=-1)
+            return partial(_cotangents, probs, *draw(probs), exact)
+
         with workspace():
+            if samples >= x.shape[0]:
+                self._add_chunk(x, slots_of, num_slots, slot_step, params, constants, logits_of, fisher)
+                return
+            with torch.no_grad():
+                probs = torch.softmax(logits_of(functional_call(self.model, (params, constants), (x,))), dim=-1)
+            labels, weights = draw(probs)
             for start in range(0, x.shape[0], samples):
                 sl = slice(start, start + samples)
+                chunk = partial(_cotangents, probs[sl], labels[sl], weights[sl], exact)
                 self._add_chunk(
-                    x[sl],
-                    partial(_cotangents, probs[sl], labels[sl], weights[sl], exact),
-                    num_slots,
-                    slot_step,
-                    params,
-                    constants,
-                    logits_of,
-                    fisher,
+                    x[sl], lambda _, c=chunk: c, num_slots, slot_step, params, constants, logits_of, fisher
                 )
 
-    def _chunk(self, x, num_slots, params, constants) -> tuple[int, int]:
-        """Samples per forward chunk and slots per group of backward passes, so that the saved output gradients stay
-        within GRADIENT_BUDGET, and those of the largest layer within LAYER_BUDGET; the chunks are made as even as
-        their number allows. The floats of one sample's output gradients (all layers', the largest layer's) are
-        counted by a forward pass on one sample, once per input shape."""
+    def _probe(self, x, params, constants, logits_of) -> tuple[int, int, int]:
+        """Floats of one sample's output gradients for one slot (all layers', the largest layer's) and the number of
+        classes, from a forward pass on one sample, once per input shape."""
         key = (tuple(x.shape[1:]), x.dtype)
         if key not in self._sizes:
             probe: list[int] = []
@@ -263,12 +272,18 @@ class HookedFisher:
             ]
             try:
                 with torch.no_grad():
-                    functional_call(self.model, (params, constants), (x[:1],))
+                    logits = logits_of(functional_call(self.model, (params, constants), (x[:1],)))
             finally:
                 for h in hooks:
                     h.remove()
-            self._sizes[key] = (max(1, sum(probe)), max([1, *probe]))
-        per_slot, largest = self._sizes[key]  # one sample, one slot: all layers, the largest layer
+            self._sizes[key] = (max(1, sum(probe)), max([1, *probe]), logits.shape[-1])
+        return self._sizes[key]
+
+    def _chunk(self, x, num_slots, params, constants, logits_of) -> tuple[int, int]:
+        """Samples per forward chunk and slots per group of backward passes, so that the saved output gradients stay
+        within GRADIENT_BUDGET, and those of the largest layer within LAYER_BUDGET; the chunks are made as even as
+        their number allows (sizes from :meth:`_probe`)."""
+        per_slot, largest, _ = self._probe(x, params, constants, logits_of)  # one sample, one slot
 
         def within(count: int) -> int:  # samples for ``count`` slots, or slots for ``count`` samples
             return min(GRADIENT_BUDGET // (per_slot * count), LAYER_BUDGET // (largest * count))
@@ -279,8 +294,8 @@ class HookedFisher:
         slots = max(1, min(num_slots, within(samples)))
         return samples, slots
 
-    def _add_chunk(self, x, cotangents_of, num_slots, slot_step, params, constants, logits_of, fisher) -> None:
-        """One forward pass over ``x``, then per group of slots: ``cotangents_of(slots)`` -> (cotangents on the
+    def _add_chunk(self, x, slots_of, num_slots, slot_step, params, constants, logits_of, fisher) -> None:
+        """One forward pass over ``x``, then per group of slots: ``slots_of(logits)(slots)`` -> (cotangents on the
         logits ``[B, S', K]``, weights ``[B, S']``), the backward passes, the rules.
 
         The backward pass is split at the cuts of the graph (:mod:`hf_sp._graph_cuts`; a network's blocks, mostly):
@@ -311,6 +326,7 @@ class HookedFisher:
                 if [a._version for a in saved if isinstance(a, torch.Tensor)] != versions:
                     raise NotPerSample(f"the input of {u.prefix or 'the model'} was changed in place")
         passes = self._passes(logits, events, replaced, taps)
+        cotangents_of = slots_of(logits)
         for s0 in range(0, num_slots, slot_step):
             slots = range(s0, min(num_slots, s0 + slot_step))
             cot, weights = cotangents_of(slots)

@@ -297,6 +297,7 @@ def estimate_fisher(
                 squares = g.to(acc_dtypes[n]).reshape(g.shape[0], -1).square()
                 fisher[n].view(-1).addmv_(squares.T, weights[i].to(acc_dtypes[n]))
 
+    draw = partial(_class_slots, top_k=top_k, num_label_samples=num_label_samples, generator=generator)
     hooked = None
     if vectorize in ("auto", "hooks") and HookedFisher.supported(model, names):
         hooked = HookedFisher(model, names)
@@ -323,24 +324,30 @@ def estimate_fisher(
                 x = x.to(device=device, dtype=input_dtype if x.is_floating_point() else None)
                 if x.dim() == 0 or x.shape[0] == 0:
                     continue
-                with torch.no_grad():
-                    probs = torch.softmax(_logits(functional_call(model, (params, constants), (x,))), dim=-1)
-                labels, weights = _class_slots(probs, top_k, num_label_samples, generator)
                 num_samples += x.shape[0]
                 if hooked is not None:
                     # The first batches check that the hooks see independent samples (until per-sample copies were
                     # checked on two samples); if not, torch.func takes over from that batch on.
                     before = {n: f.clone() for n, f in fisher.items()} if not hooked_ok else None
-                    exact = num_label_samples is None and (top_k is None or top_k >= probs.shape[-1])
+                    state = generator.get_state() if generator is not None and before is not None else None
+                    num_classes = hooked.num_classes(x, params, constants, _logits)
+                    exact = num_label_samples is None and (top_k is None or top_k >= num_classes)
+                    num_slots = num_classes - 1 if exact else num_label_samples or top_k
                     try:
-                        hooked.add(x, probs, labels, weights, exact, params, constants, _logits, fisher)
+                        # the class slots are drawn from the probabilities of the hooked forward pass itself
+                        hooked.add(x, draw, exact, num_slots, params, constants, _logits, fisher)
                         hooked_ok = hooked.verified  # until then, a later batch may still fall back
                         continue
                     except NotPerSample:
                         if before is None:
                             raise
                         fisher.update(before)
+                        if state is not None:  # the fallback draws this batch's labels as if first
+                            generator.set_state(state)
                         hooked, vectorize = None, resolve_vectorize("auto", device, hooks_supported=False)
+                with torch.no_grad():
+                    probs = torch.softmax(_logits(functional_call(model, (params, constants), (x,))), dim=-1)
+                labels, weights = draw(probs)
                 if vectorize == "classes":
                     over_classes(x, labels, weights)
                     continue

@@ -230,10 +230,10 @@ def _engine(net: nn.Module) -> tuple[HookedFisher, dict[str, torch.Tensor], dict
 
 
 def _add_exact(engine: HookedFisher, net: nn.Module, x: torch.Tensor, params, fisher) -> None:
-    with torch.no_grad():
-        probs = torch.softmax(net(x), -1)
-    labels = torch.arange(probs.shape[-1]).expand(x.shape[0], -1)
-    engine.add(x, probs, labels, probs, True, params, {}, lambda out: out, fisher)
+    def draw(probs):
+        return torch.arange(probs.shape[-1]).expand(x.shape[0], -1), probs
+
+    engine.add(x, draw, True, K - 1, params, {}, lambda out: out, fisher)
 
 
 class _FailsOnce(torch.autograd.Function):
@@ -413,3 +413,32 @@ def test_dominators_of_a_graph_with_two_paths():
     assert cut_points(root, nodes, {1, 2, 3}, {0, 1, 2, 3}) == [3]
     assert cut_points(root, nodes, {1, 2, 3}, {1, 2, 3}) == [3], "a cut is kept only after a counted node"
     assert cut_points(root, nodes, {3}, set()) == []
+
+
+def test_one_forward_pass_per_batch_gives_the_probabilities_too():
+    """The class slots are drawn from the hooked forward pass's own logits: no separate pass for the
+    probabilities when the batch is one chunk (and the drawn labels are the same as the torch.func path's)."""
+    net, x = _net_and_inputs(Blocks, 6)
+    full = []
+    net.register_forward_hook(lambda m, a, o: full.append(a[0].shape[0]) if a[0].shape[0] == 6 else None)
+    kwargs = {"num_label_samples": 3, "progress": False, "dtype": torch.float64}
+    hooks = estimate_fisher(net, [x], vectorize="hooks", generator=torch.Generator().manual_seed(5), **kwargs)
+    assert full == [6]
+    ref = estimate_fisher(net, [x], vectorize="classes", generator=torch.Generator().manual_seed(5), **kwargs)
+    _assert_close(hooks, ref)
+
+
+def test_a_fallback_after_the_labels_were_drawn_draws_them_again_from_the_same_state(monkeypatch):
+    """In chunks, the labels are drawn before the first chunk's forward pass; when the hooks then give up on the
+    model (NotPerSample), the torch.func path draws the batch's labels from the generator state before them."""
+    net, x = _net_and_inputs(Blocks, 6)
+    monkeypatch.setattr(_fisher_hooks, "GRADIENT_BUDGET", 1)  # one sample per chunk
+
+    def refuse(*args):
+        raise _fisher_hooks.NotPerSample("simulated")
+
+    monkeypatch.setattr(_fisher_hooks.HookedFisher, "_add_chunk", refuse)
+    kwargs = {"num_label_samples": 3, "progress": False, "dtype": torch.float64}
+    hooks = estimate_fisher(net, [x], vectorize="hooks", generator=torch.Generator().manual_seed(5), **kwargs)
+    ref = estimate_fisher(net, [x], vectorize="classes", generator=torch.Generator().manual_seed(5), **kwargs)
+    _assert_close(hooks, ref)
