@@ -38,9 +38,10 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ._graph_cuts import cut_points
 from ._per_sample import RULES, rule_for, workspace
 
-#: Floats of saved output gradients (slots x samples x activations) at a time: 512 MiB of fp32. Samples are split
-#: into forward chunks first (all slots of a chunk at once: the pair products are then made once per chunk), slots
-#: into groups of backward passes when one sample's slots alone exceed it.
+#: Floats of all layers' output gradients (slots x samples x activations): 512 MiB of fp32, the most that one part
+#: of the backward pass could hold (a graph without cuts is one part). Samples are split into forward chunks first
+#: (all slots of a chunk at once: the pair products are then made once per chunk), slots into groups of backward
+#: passes when one sample's slots alone exceed it.
 GRADIENT_BUDGET = 1 << 27
 
 #: Floats of one layer's saved output gradients (slots x samples x that layer's activations) at a time: 32 MiB of

@@ -782,6 +782,16 @@ def fisher_loop(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     return {n: a / x.shape[0] for n, a in zip(names, acc, strict=True)}
 
 
+def _timed_call(times: list[float], faults: list[int], fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, its wall time appended to ``times`` and its minor page faults to ``faults``."""
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t0 = time.perf_counter()
+    value = fn(*args, **kwargs)
+    times.append(time.perf_counter() - t0)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    return value
+
+
 def bench_fisher(cfg: BenchmarkConfig) -> dict[str, Any]:
     """Section 4: ``estimate_fisher`` (each ``vectorize`` path) against the loop, same Fisher, interleaved."""
     from hf_sp import estimate_fisher
@@ -801,15 +811,14 @@ def bench_fisher(cfg: BenchmarkConfig) -> dict[str, Any]:
         for path in paths:  # warm-up: one-time costs (kernel selection, lazy imports) out of the first timing
             estimate_fisher(model, [x[:2]], progress=False, vectorize=path)
         times: dict[str, list[float]] = {p: [] for p in (*paths, "loop")}
+        faults: dict[str, list[int]] = {p: [] for p in times}  # minor page faults: memory touched afresh
         results: dict[str, dict[str, torch.Tensor]] = {}
         for _ in range(cfg.fisher_repeats):
             for path in paths:
-                t0 = time.perf_counter()
-                results[path] = estimate_fisher(model, [x], progress=False, vectorize=path)
-                times[path].append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            ref = fisher_loop(model, x)
-            times["loop"].append(time.perf_counter() - t0)
+                results[path] = _timed_call(
+                    times[path], faults[path], estimate_fisher, model, [x], progress=False, vectorize=path
+                )
+            ref = _timed_call(times["loop"], faults["loop"], fisher_loop, model, x)
         close, max_rel = True, 0.0
         for fisher in results.values():
             for n, r in ref.items():
@@ -831,6 +840,7 @@ def bench_fisher(cfg: BenchmarkConfig) -> dict[str, Any]:
             "backward_passes_in_loop": cfg.fisher_samples * cfg.fisher_classes,
             "s_per_repeat": times,
             "median_s": {k: _median(v) for k, v in times.items()},
+            "minor_page_faults_per_repeat": faults,
             "auto": auto,
             "vectorized_median_s": _median(times[auto]),
             "loop_median_s": _median(times["loop"]),
@@ -1152,12 +1162,20 @@ def render_markdown(result: dict[str, Any]) -> str:
                 f"| {_yes(r['allclose'])} ({r['max_rel_err']:.1e}) | {_exact_errors(r)} "
                 f"| {_yes(r['meets_target'])}, {_yes(r.get('accurate'))} |"
             )
+        lines.append("")
+        for model, r in fisher.items():
+            reps = ", ".join(f"{k} {min(v):.2f}-{max(v):.2f} s" for k, v in r["s_per_repeat"].items())
+            line = f"{model}: repetitions {reps}"
+            if r.get("minor_page_faults_per_repeat"):  # results written before the faults were counted have none
+                pf = ", ".join(f"{k} {_median(v):.0f}" for k, v in r["minor_page_faults_per_repeat"].items())
+                line += f"; minor page faults per call (median): {pf}"
+            lines += [line + ".", ""]
         lines += [
-            "",
             f"Medians of {cfg['fisher_repeats']} interleaved repetitions; all parameters, exact Fisher over all "
-            "classes. 'hooks': one forward pass per batch, one backward pass over the batch batched over the class "
-            "slots (K - 1 of them for the exact Fisher over K classes), per-sample squares from layer inputs and "
-            "output gradients; "
+            "classes. 'hooks': one forward pass per batch (which also gives the probabilities), one backward pass "
+            "over the batch batched over the class slots (K - 1 of them for the exact Fisher over K classes), made "
+            "in parts split at the outputs of blocks that every earlier layer reaches the logits through, "
+            "per-sample squares from layer inputs and output gradients, each part's before the next part runs; "
             "'samples': vmap over the samples of the batch; 'classes': one forward pass per sample, vmap "
             "over its classes; 'auto' picks 'hooks'. The loop runs once more in float64 (untimed) as the exact "
             "value: both float32 results are measured against it.",

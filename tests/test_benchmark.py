@@ -101,6 +101,9 @@ def test_quick_benchmark_writes_all_sections(tmp_path):
         errors = fisher["max_rel_err_vs_float64"]  # each float32 result against the float64 loop
         assert set(errors) == {*cfg["fisher_paths"], "loop"} and all(0 <= e < 1e-4 for e in errors.values())
         assert fisher["accurate"] == (errors[fisher["auto"]] <= 1e-6)
+        faults = fisher["minor_page_faults_per_repeat"]  # one count per timed call, as the times
+        assert {k: len(v) for k, v in faults.items()} == {k: len(v) for k, v in fisher["s_per_repeat"].items()}
+        assert all(isinstance(f, int) and f >= 0 for v in faults.values() for f in v)
 
     for heading in ("## 1. Step time", "## 2. Peak memory", "## 3. The penalty alone", "## 4. Fisher estimation"):
         assert heading in md
