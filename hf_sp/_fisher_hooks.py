@@ -196,14 +196,16 @@ class HookedFisher:
         versions = [a._version for a in saved_args if isinstance(a, torch.Tensor)]
         unit.calls.append((saved_args, kwargs, leaves, versions))
         pairs = [(t, c) for t, c in zip(leaves, clones, strict=True) if isinstance(t, torch.Tensor) and t.requires_grad]
-        events += [_Event(t, c.grad_fn, target=True, cut=len(pairs) == 1) for t, c in pairs]
+        events += [_Event(t, c.grad_fn, target=True, cut=len(pairs) == 1 and not t._is_view()) for t, c in pairs]
         return tree_unflatten(clones, spec)
 
     @staticmethod
     def _stage_hook(events: list[_Event], module, args, output):
         """A stage's output becomes a cut candidate (cloned like a unit's, so that its node has one input: the
-        gradient asked for is the one that reaches the clone); one passed through unchanged is not."""
-        if not (isinstance(output, torch.Tensor) and output.requires_grad):
+        gradient asked for is the one that reaches the clone); one passed through unchanged is not, nor a view (the
+        clone would cut its alias: a write through it would no longer reach its base, and a write to its base would
+        give it a new node)."""
+        if not (isinstance(output, torch.Tensor) and output.requires_grad) or output._is_view():
             return None
         if any(output is a for a in args) or any(output.grad_fn is e.node for e in events):
             return None

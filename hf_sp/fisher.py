@@ -13,8 +13,9 @@ the empirical Fisher (gradients at the dataset labels) nor the square of a mini-
 
 With cotangent ``e_k`` (one-hot at class ``k``) on ``log softmax(logits)``, a backward pass gives exactly
 ``d log f_k / d w``.  By default (``vectorize="hooks"``, :mod:`hf_sp._fisher_hooks`) one forward pass is made
-per batch and one backward pass over the whole batch for all class slots at once (batched over the slots),
-asking only for the gradients of the layers' outputs; the exact Fisher's ``K`` classes enter as the ``K - 1``
+per batch (its logits also give the probabilities) and one backward pass over the whole batch for all class slots
+at once (batched over the slots, in parts split at the graph's cuts: :mod:`hf_sp._graph_cuts`), asking only for
+the gradients of the layers' outputs; the exact Fisher's ``K`` classes enter as the ``K - 1``
 rows of a factor of ``diag(p) - p p^T`` (:func:`hf_sp._fisher_hooks.multinomial_rows`); forward hooks save the
 layers' inputs, and each layer's per-sample squared gradients follow from the two (as Opacus' ``GradSampleModule`` and BackPACK compute per-sample gradients), with
 :mod:`torch.func` for the layers that have no rule.  Opacus and BackPACK themselves were not adopted: Opacus
@@ -157,6 +158,13 @@ def _class_slots(
         return labels, top_p / top_p.sum(dim=1, keepdim=True)
     labels = torch.arange(num_classes, device=probs.device).expand(batch, num_classes)
     return labels, probs
+
+
+def _draw_once(draw, drawn: list, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``draw(probs)``, kept in ``drawn`` (as ``(probs, labels, weights)``) for a fallback on the same batch."""
+    labels, weights = draw(probs)
+    drawn.append((probs, labels, weights))
+    return labels, weights
 
 
 def resolve_vectorize(vectorize: str, device: torch.device, hooks_supported: bool = True) -> str:
@@ -325,29 +333,31 @@ def estimate_fisher(
                 if x.dim() == 0 or x.shape[0] == 0:
                     continue
                 num_samples += x.shape[0]
+                drawn: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # this batch's (probs, slots)
                 if hooked is not None:
                     # The first batches check that the hooks see independent samples (until per-sample copies were
                     # checked on two samples); if not, torch.func takes over from that batch on.
                     before = {n: f.clone() for n, f in fisher.items()} if not hooked_ok else None
-                    state = generator.get_state() if generator is not None and before is not None else None
                     num_classes = hooked.num_classes(x, params, constants, _logits)
                     exact = num_label_samples is None and (top_k is None or top_k >= num_classes)
                     num_slots = num_classes - 1 if exact else num_label_samples or top_k
                     try:
                         # the class slots are drawn from the probabilities of the hooked forward pass itself
-                        hooked.add(x, draw, exact, num_slots, params, constants, _logits, fisher)
+                        slots = partial(_draw_once, draw, drawn)
+                        hooked.add(x, slots, exact, num_slots, params, constants, _logits, fisher)
                         hooked_ok = hooked.verified  # until then, a later batch may still fall back
                         continue
                     except NotPerSample:
                         if before is None:
                             raise
                         fisher.update(before)
-                        if state is not None:  # the fallback draws this batch's labels as if first
-                            generator.set_state(state)
                         hooked, vectorize = None, resolve_vectorize("auto", device, hooks_supported=False)
-                with torch.no_grad():
-                    probs = torch.softmax(_logits(functional_call(model, (params, constants), (x,))), dim=-1)
-                labels, weights = draw(probs)
+                if drawn:  # the hooks gave up after drawing: the same slots (labels are drawn once per batch)
+                    probs, labels, weights = drawn[0]
+                else:
+                    with torch.no_grad():
+                        probs = torch.softmax(_logits(functional_call(model, (params, constants), (x,))), dim=-1)
+                    labels, weights = draw(probs)
                 if vectorize == "classes":
                     over_classes(x, labels, weights)
                     continue
