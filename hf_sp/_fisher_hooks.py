@@ -1,7 +1,8 @@
 """The exact Fisher's inner sums from one forward pass per batch and one backward pass batched over the class slots.
 
-``HookedFisher(model, names).add(x, probs, labels, weights, exact, ...)`` adds
-``sum_b sum_s weights[b, s] * (d log f_{labels[b, s]}(x_b) / dw)^2`` to ``fisher`` for every selected parameter,
+``HookedFisher(model, names).add(x, draw, exact, num_slots, ...)`` adds
+``sum_b sum_s weights[b, s] * (d log f_{labels[b, s]}(x_b) / dw)^2`` to ``fisher`` for every selected parameter
+(``labels, weights = draw(p)``, ``p`` the probabilities of the hooked forward pass),
 as ``sum_b sum_s weights[b, s] * (d (c[b, s] . logits(x_b)) / dw)^2`` with the cotangent ``c = e_k - p`` on the
 logits of a class slot ``k``; with ``exact`` (all classes, weighted by ``p``) the ``K - 1`` rows of
 :func:`multinomial_rows` with weight one instead, one backward pass fewer:
@@ -49,6 +50,11 @@ GRADIENT_BUDGET = 1 << 27
 #: mapped afresh at every allocation and page-faulted as it is first written, and the backward pass allocates
 #: several of that size per layer. Chunks of samples (then groups of slots) keep the largest layer's below it.
 LAYER_BUDGET = 1 << 23
+
+
+#: Floats of one slot's output gradients that a part of the backward pass holds at least (1 MiB of fp32), unless
+#: the graph has no cut: each part costs one call of the autograd engine, so blocks are merged up to this size.
+PART_FLOATS = 1 << 18
 
 
 #: Whether the slots' backward passes are batched into one (``torch.autograd.grad(..., is_grads_batched=True)``).
@@ -99,13 +105,16 @@ def _cotangents(probs, labels, weights, exact: bool, slots: range) -> tuple[torc
 
 
 class _Event(NamedTuple):
-    """A tensor made by the forward pass whose gradient may be asked for: a unit's output (``target``) or a stage's;
-    ``node`` is its clone's autograd node (the only way to it), ``cut`` whether the backward pass may stop there."""
+    """A tensor made by the forward pass whose gradient may be asked for: a unit's output (``target``) or a
+    stage's. ``source`` is the node that made it, ``node`` its clone's (the way the forward pass goes on from it),
+    ``cut`` whether the backward pass may stop there, ``version`` its version counter when it was made."""
 
     tensor: torch.Tensor
+    source: Any
     node: Any
     target: bool
     cut: bool
+    version: int
 
 
 class _Unit:
@@ -196,21 +205,22 @@ class HookedFisher:
         versions = [a._version for a in saved_args if isinstance(a, torch.Tensor)]
         unit.calls.append((saved_args, kwargs, leaves, versions))
         pairs = [(t, c) for t, c in zip(leaves, clones, strict=True) if isinstance(t, torch.Tensor) and t.requires_grad]
-        events += [_Event(t, c.grad_fn, target=True, cut=len(pairs) == 1 and not t._is_view()) for t, c in pairs]
+        single = len(pairs) == 1
+        events += [_Event(t, t.grad_fn, c.grad_fn, True, single and not t._is_view(), t._version) for t, c in pairs]
         return tree_unflatten(clones, spec)
 
     @staticmethod
-    def _stage_hook(events: list[_Event], module, args, output):
-        """A stage's output becomes a cut candidate (cloned like a unit's, so that its node has one input: the
+    def _stage_hook(events: list[_Event], module, args, kwargs, output):
+        """A stage's output becomes a cut candidate (cloned like a unit's, so that one node passes it on: the
         gradient asked for is the one that reaches the clone); one passed through unchanged is not, nor a view (the
         clone would cut its alias: a write through it would no longer reach its base, and a write to its base would
         give it a new node)."""
         if not (isinstance(output, torch.Tensor) and output.requires_grad) or output._is_view():
             return None
-        if any(output is a for a in args) or any(output.grad_fn is e.node for e in events):
+        if any(output is a for a in (*args, *kwargs.values())) or any(output.grad_fn is e.node for e in events):
             return None
         clone = output.clone()
-        events.append(_Event(output, clone.grad_fn, target=False, cut=True))
+        events.append(_Event(output, output.grad_fn, clone.grad_fn, False, True, output._version))
         return clone
 
     def num_classes(self, x: torch.Tensor, params, constants, logits_of: Callable[[Any], torch.Tensor]) -> int:
@@ -314,7 +324,7 @@ class HookedFisher:
         replaced = {n: leaves[n].expand(batch, *leaves[n].shape[1:]) + taps[n] for n in self.replicas}
         events: list[_Event] = []
         handles = [u.module.register_forward_hook(partial(self._hook, u, events), with_kwargs=True) for u in self.units]
-        handles += [m.register_forward_hook(partial(self._stage_hook, events)) for m in self.stages]
+        handles += [m.register_forward_hook(partial(self._stage_hook, events), with_kwargs=True) for m in self.stages]
         for u in self.units:
             u.calls.clear()
         try:
@@ -328,6 +338,9 @@ class HookedFisher:
             for saved, _, _, versions in u.calls:
                 if [a._version for a in saved if isinstance(a, torch.Tensor)] != versions:
                     raise NotPerSample(f"the input of {u.prefix or 'the model'} was changed in place")
+        if any(e.tensor._version != e.version for e in events):
+            # the model kept a layer's or a stage's output and changed it in place: the clone that went on missed it
+            raise NotPerSample("an output kept by the model was changed in place after the forward pass went on")
         passes = self._passes(logits, events, replaced, taps)
         cotangents_of = slots_of(logits)
         for s0 in range(0, num_slots, slot_step):
@@ -361,12 +374,13 @@ class HookedFisher:
     def _passes(self, logits, events, replaced, taps) -> list[tuple[list[torch.Tensor], torch.Tensor | None, list[str]]]:
         """The parts of the backward pass, from the logits down: (the unit outputs it asks for, the cut where it
         stops or ``None``, the per-sample copies it asks for)."""
-        nodes = [replaced[n].grad_fn for n in taps] + [e.node for e in events]
+        sources = [replaced[n].grad_fn for n in taps] + [e.source for e in events]
         first = len(taps)
-        candidates = {first + i for i, e in enumerate(events) if e.cut}
-        counted = set(range(first)) | {first + i for i, e in enumerate(events) if e.target}
-        cuts = [] if logits.grad_fn is None else cut_points(logits.grad_fn, nodes, candidates, counted)
-        bounds = [first, *cuts, len(nodes)]
+        ways = {first + i: e.node for i, e in enumerate(events) if e.cut}
+        sizes = {i: t.numel() for i, t in enumerate(taps.values())}
+        sizes.update({first + i: e.tensor.numel() for i, e in enumerate(events) if e.target})
+        cuts = [] if logits.grad_fn is None else cut_points(logits.grad_fn, sources, ways, sizes, PART_FLOATS)
+        bounds = [first, *cuts, len(sources)]
         passes = []
         for k in reversed(range(len(bounds) - 1)):
             part = events[bounds[k] - first : bounds[k + 1] - first]

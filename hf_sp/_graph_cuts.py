@@ -14,7 +14,7 @@ The dominators come from one pass over the graph in topological order (the graph
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 Node = Any  # torch.autograd.graph.Node (identity is the C++ node: the same Python object while it is alive)
@@ -66,19 +66,23 @@ def dominators(root: Node) -> tuple[dict[Node, Node], dict[Node, int]]:
     return idom, number
 
 
-def cut_points(root: Node, nodes: Sequence[Node | None], candidates: set[int], counted: set[int]) -> list[int]:
-    """Where the backward pass from ``root`` can be split: the indices ``c`` in ``candidates`` (into ``nodes``) whose
-    node dominates every node before it that ``root`` reaches, in increasing order.
+def cut_points(
+    root: Node, sources: Sequence[Node | None], cuts: Mapping[int, Node], sizes: Mapping[int, int], minimum: int = 1
+) -> list[int]:
+    """Where the backward pass from ``root`` can be split, as indices into ``sources``, in increasing order.
 
-    ``nodes`` are in the order the forward pass made them (``None``: not in the graph). A pass that stops at a cut
-    ``c`` and the next one that starts there share ``nodes[c]``; a cut is kept only if the stretch from the previous
-    kept cut (that one included) up to it holds at least one of the ``counted`` nodes, so that no pass is made for
-    nothing.
+    ``sources[i]`` is the node that made the ``i``-th recorded tensor, in the order of the forward pass (``None``:
+    not in the graph); ``cuts[i]``, for the candidates, the node that alone passes that tensor on (its clone's). A
+    candidate is a cut when ``cuts[i]`` dominates ``sources[i]`` (no other way round it: the gradient that reaches
+    ``cuts[i]`` is the tensor's whole gradient) and every reachable ``sources[j]``, ``j < i``. A pass that stops at
+    a cut and the next one that starts there share it; a cut is kept only if the stretch from the previous kept cut
+    (that one included) holds at least ``minimum`` of the ``sizes`` (of the tensors asked for), so that no pass is
+    made for too little.
     """
     idom, _ = dominators(root)
-    wanted = {nodes[c] for c in candidates if nodes[c] is not None}
-    chains: list[set[Node] | None] = []  # for every reachable node, the candidate nodes that dominate it
-    for node in nodes:
+    wanted = set(cuts.values())
+    chains: list[set[Node] | None] = []  # for every reachable source, the cut nodes that dominate it
+    for node in sources:
         if node is None or node not in idom:
             chains.append(None)
             continue
@@ -88,15 +92,21 @@ def cut_points(root: Node, nodes: Sequence[Node | None], candidates: set[int], c
                 chain.add(x)
             x = idom[x]
         chains.append(chain)
-    cuts: list[int] = []
-    since = 0  # counted nodes from the last kept cut on
+    kept: list[int] = []
+    since = 0  # sizes from the last kept cut on
     for i, chain in enumerate(chains):
         if chain is None:
             continue
-        # dominance is transitive: a node that dominates the last cut dominates everything before it
-        last = cuts[-1] if cuts else 0
-        if i in candidates and since and all(ch is None or nodes[i] in ch for ch in chains[last:i]):
-            cuts.append(i)
+        # dominance is transitive: a node that dominates the last cut's source dominates everything before it
+        last = kept[-1] if kept else 0
+        cut = cuts.get(i)
+        if (
+            cut is not None
+            and since >= max(1, minimum)
+            and cut in chain
+            and all(ch is None or cut in ch for ch in chains[last:i])
+        ):
+            kept.append(i)
             since = 0
-        since += i in counted
-    return cuts
+        since += sizes.get(i, 0)
+    return kept

@@ -380,6 +380,7 @@ class Blocks(nn.Module):
 @pytest.mark.parametrize("batched", [True, False], ids=["one-batched-backward", "one-backward-per-slot"])
 def test_the_backward_pass_is_split_at_the_cuts_of_the_graph(monkeypatch, batched):
     monkeypatch.setattr(_fisher_hooks, "BATCHED_SLOTS", batched)
+    monkeypatch.setattr(_fisher_hooks, "PART_FLOATS", 1)  # parts of any size (these blocks are a few floats)
     net, x = _net_and_inputs(Blocks, 5)
     passes = []
     real = _fisher_hooks.HookedFisher._passes
@@ -408,24 +409,89 @@ def test_dominators_of_a_graph_with_two_paths():
     add = root.next_functions[0][0]
     assert idom[add] is root and idom[b.grad_fn] is add and idom[c.grad_fn] is add
     assert idom[a.grad_fn] is add, "a is reached through b and through c: only their sum dominates it"
-    # a and d dominate what came before them; b does not dominate a (c is the other way round it)
+    # add dominates what came before it; b does not dominate a (c is the other way round it)
     nodes = [a.grad_fn, b.grad_fn, c.grad_fn, add]
-    assert cut_points(root, nodes, {1, 2, 3}, {0, 1, 2, 3}) == [3]
-    assert cut_points(root, nodes, {1, 2, 3}, {1, 2, 3}) == [3], "a cut is kept only after a counted node"
-    assert cut_points(root, nodes, {3}, set()) == []
+    ways = {1: b.grad_fn, 2: c.grad_fn, 3: add}
+    assert cut_points(root, nodes, ways, dict.fromkeys(range(4), 1)) == [3]
+    assert cut_points(root, nodes, ways, dict.fromkeys(range(1, 4), 1)) == [3], "a cut is kept after a counted node"
+    assert cut_points(root, nodes, ways, dict.fromkeys(range(4), 1), minimum=3) == [3]
+    assert cut_points(root, nodes, ways, dict.fromkeys(range(4), 1), minimum=4) == [], "parts of at least 4"
+    assert cut_points(root, nodes, {3: b.grad_fn}, dict.fromkeys(range(4), 1)) == [], "b is not the only way to d"
 
 
-def test_one_forward_pass_per_batch_gives_the_probabilities_too():
-    """The class slots are drawn from the hooked forward pass's own logits: no separate pass for the
-    probabilities when the batch is one chunk (and the drawn labels are the same as the torch.func path's)."""
-    net, x = _net_and_inputs(Blocks, 6)
-    full = []
-    net.register_forward_hook(lambda m, a, o: full.append(a[0].shape[0]) if a[0].shape[0] == 6 else None)
-    kwargs = {"num_label_samples": 3, "progress": False, "dtype": torch.float64}
-    hooks = estimate_fisher(net, [x], vectorize="hooks", generator=torch.Generator().manual_seed(5), **kwargs)
-    assert full == [6]
-    ref = estimate_fisher(net, [x], vectorize="classes", generator=torch.Generator().manual_seed(5), **kwargs)
-    _assert_close(hooks, ref)
+def test_small_blocks_are_merged_into_parts_of_part_floats():
+    net, x = _net_and_inputs(Blocks, 5)
+    passes = []
+    real = _fisher_hooks.HookedFisher._passes
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_fisher_hooks.HookedFisher, "_passes", lambda self, *a: passes.append(real(self, *a)) or passes[-1])
+        estimate_fisher(net, [x], vectorize="hooks", progress=False, dtype=torch.float64)
+        mp.setattr(_fisher_hooks, "PART_FLOATS", 5 * 6 * 4)  # four outputs of 6 features of the 5 samples
+        estimate_fisher(net, [x], vectorize="hooks", progress=False, dtype=torch.float64)
+    # default: a few floats, one part; then cuts after blocks[1] (6 outputs from the start) and skip[0] (5 since)
+    # only: blocks[0] (3 outputs) and blocks[2] (2) hold too little
+    assert [len(p) for p in passes] == [1, 3]
+
+
+class Kept(nn.Module):
+    """A unit (torch.func) that keeps its output, which the model adds again at the end (after the cuts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.rand(6) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.out = x * self.gamma
+        return self.out
+
+
+class Same(nn.Module):
+    def forward(self, *, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+
+class Aliases(nn.Module):
+    """Outputs the model reaches another way than through what the forward pass went on with: a layer's output it
+    kept (added again after two blocks), a stage that returns its keyword argument (then changed in place)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kept = Kept()
+        self.b = Residual(6)
+        self.c = Residual(6)
+        self.same = Same()
+        self.head = nn.Linear(6, K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c(self.b(self.kept(x)))
+        g = self.same(hidden=h)
+        h.mul_(2.0)
+        return self.head(g + self.kept.out)
+
+
+class KeepsAStage(nn.Module):
+    """A stage's output kept by its module and changed in place by the model afterwards."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = Residual(6)
+        self.keep = Residual(6)
+        self.b = Residual(6)
+        self.head = nn.Linear(6, K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.keep(self.a(x))
+        self.keep_out = h
+        self.keep_out.mul_(2.0)
+        return self.head(self.b(h))
+
+
+@pytest.mark.parametrize("model", [Aliases, KeepsAStage])
+def test_outputs_reached_another_way_are_no_cuts(monkeypatch, model):
+    monkeypatch.setattr(_fisher_hooks, "PART_FLOATS", 1)
+    net, x = _net_and_inputs(model, 4)
+    fisher = estimate_fisher(net, [x], vectorize="hooks", progress=False, dtype=torch.float64)
+    _assert_close(fisher, _reference_fisher(net, x, _exact_slots))
 
 
 class Shift(nn.Module):
