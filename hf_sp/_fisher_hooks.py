@@ -335,9 +335,12 @@ class HookedFisher:
             for h in handles:
                 h.remove()
         for u in self.units:
-            for saved, _, _, versions in u.calls:
+            for saved, _, out_leaves, versions in u.calls:
                 if [a._version for a in saved if isinstance(a, torch.Tensor)] != versions:
                     raise NotPerSample(f"the input of {u.prefix or 'the model'} was changed in place")
+                sizes = {t.shape[0] for t in (*saved, *out_leaves) if isinstance(t, torch.Tensor) and t.dim() > 0}
+                if sizes - {batch}:  # e.g. windows of the samples folded into the batch dimension (Swin)
+                    raise NotPerSample(f"{u.prefix or 'the model'} sees a batch of {sorted(sizes)}, not {batch} samples")
         if any(e.tensor._version != e.version for e in events):
             # the model kept a layer's or a stage's output and changed it in place: the clone that went on missed it
             raise NotPerSample("an output kept by the model was changed in place after the forward pass went on")

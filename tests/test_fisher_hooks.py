@@ -568,3 +568,26 @@ def test_stage_outputs_that_are_views_are_left_alone():
     x = torch.randn(4, 3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     fisher = estimate_fisher(net, [x], vectorize="hooks", progress=False, dtype=torch.float64)
     _assert_close(fisher, _reference_fisher(net, x, _exact_slots))
+
+
+class Windows(nn.Module):
+    """A Linear applied to windows of the samples folded into the batch dimension (as Swin does): its inputs are not
+    one per sample, so the hooks give the model up to torch.func."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+        self.head = nn.Linear(6, K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        windows = torch.tanh(x).reshape(x.shape[0] * 2, 2, 6)  # [B, 4, 6] -> [2 B, 2, 6]
+        h = self.lin(windows).reshape(x.shape[0], 4, 6)
+        return self.head(torch.tanh(h).mean(1))
+
+
+def test_a_layer_that_sees_no_batch_of_samples_gives_the_model_to_torch_func():
+    torch.manual_seed(0)
+    net = Windows().double()
+    x = torch.randn(3, 4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    fisher = estimate_fisher(net, [x], vectorize="hooks", progress=False, dtype=torch.float64)
+    _assert_close(fisher, _reference_fisher(net, x, _exact_slots))
