@@ -442,3 +442,62 @@ def test_empty_dataloader_and_bad_batches():
     with pytest.raises(ValueError, match="pixel_values"):
         estimate_fisher(model, [{"image": _inputs(2)}], progress=False)
     assert model.training  # mode restored after an error, too
+
+
+class _NormThenTokens(nn.Module):
+    """A BatchNorm (running statistics) whose output is turned into tokens, ``flatten(2).transpose(1, 2)``, as in
+    the convolutional stems of XCiT and LeViT: its output gradient is not contiguous."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, NUM_CLASSES)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-0.5, 0.5)
+            self.bn.running_var.uniform_(0.5, 2.0)
+            self.bn.weight.uniform_(0.5, 1.5)
+            self.bn.bias.uniform_(-0.2, 0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.bn(self.conv(x)).flatten(2).transpose(1, 2)
+        return self.head(torch.tanh(tokens)).mean(1)
+
+
+def _reference_in_pairs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The exact Fisher by the per-sample loop, each sample run twice in one batch (samples are independent in eval
+    mode): PyTorch's CPU BatchNorm kernel gives a wrong gradient for a batch of one with a non-contiguous output
+    gradient, so the one-sample loop cannot be the reference here."""
+    model.eval()
+    named = [(n, p) for n, p in model.named_parameters()]
+    ref = {n: torch.zeros_like(p) for n, p in named}
+    for i in range(x.shape[0]):
+        log_probs = torch.log_softmax(model(x[i : i + 1].expand(2, *x.shape[1:])), dim=-1)[0]
+        for k in range(log_probs.shape[0]):
+            grads = torch.autograd.grad(log_probs[k], [p for _, p in named], retain_graph=True)
+            for (n, _), g in zip(named, grads, strict=True):
+                ref[n] += log_probs[k].detach().exp() * g**2
+    return {n: r / x.shape[0] for n, r in ref.items()}
+
+
+@pytest.mark.parametrize("vectorize", ["hooks", "samples", "classes"])
+def test_batch_norm_with_a_non_contiguous_output_gradient(vectorize):
+    torch.manual_seed(0)
+    model = _NormThenTokens().double()
+    x = torch.randn(3, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    batches = [x[:1], x[1:]]  # a batch of one sample on every path
+    fisher = estimate_fisher(model, batches, vectorize=vectorize, progress=False, dtype=torch.float64)
+    _assert_close(fisher, _reference_in_pairs(model, x))
+
+
+def test_eval_batch_norm_formula_equals_the_kernel():
+    from hf_sp._eval_batch_norm import EvalBatchNorm
+
+    bn = _NormThenTokens().double().bn.eval()
+    x = torch.randn(4, 8, 3, 3, dtype=torch.float64)
+    with EvalBatchNorm():
+        y = bn(x)
+    torch.testing.assert_close(y, bn(x), rtol=1e-14, atol=1e-14)
+    bn.train()  # batch statistics: the kernel, not the formula
+    with EvalBatchNorm():
+        torch.testing.assert_close(bn(x), torch.nn.functional.batch_norm(x, None, None, bn.weight, bn.bias, True))
