@@ -562,12 +562,17 @@ class Views(nn.Module):
         return self.head(torch.tanh(c) + h.mean(1))
 
 
-def test_stage_outputs_that_are_views_are_left_alone():
+def _assert_hooks_match_the_loop(model: type[nn.Module], shape: tuple[int, ...]) -> None:
+    """The hooks' Fisher of ``model()`` (float64) on random inputs of ``shape`` = the per-sample loop's."""
     torch.manual_seed(0)
-    net = Views().double()
-    x = torch.randn(4, 3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    net = model().double()
+    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     fisher = estimate_fisher(net, [x], vectorize="hooks", progress=False, dtype=torch.float64)
     _assert_close(fisher, _reference_fisher(net, x, _exact_slots))
+
+
+def test_stage_outputs_that_are_views_are_left_alone():
+    _assert_hooks_match_the_loop(Views, (4, 3, 6))
 
 
 class Windows(nn.Module):
@@ -586,8 +591,4 @@ class Windows(nn.Module):
 
 
 def test_a_layer_that_sees_no_batch_of_samples_gives_the_model_to_torch_func():
-    torch.manual_seed(0)
-    net = Windows().double()
-    x = torch.randn(3, 4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    fisher = estimate_fisher(net, [x], vectorize="hooks", progress=False, dtype=torch.float64)
-    _assert_close(fisher, _reference_fisher(net, x, _exact_slots))
+    _assert_hooks_match_the_loop(Windows, (3, 4, 6))
