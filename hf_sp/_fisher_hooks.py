@@ -224,8 +224,8 @@ class HookedFisher:
         return clone
 
     def num_classes(self, x: torch.Tensor, params, constants, logits_of: Callable[[Any], torch.Tensor]) -> int:
-        """The number of classes of the logits for inputs shaped like ``x`` (from the size probe of
-        :meth:`_chunk`, once per input shape)."""
+        """The number of classes of the logits for inputs shaped like ``x`` (from :meth:`_probe`, once per input
+        shape)."""
         return self._probe(x, params, constants, logits_of)[2]
 
     def add(
@@ -345,13 +345,14 @@ class HookedFisher:
             # the model kept a layer's or a stage's output and changed it in place: the clone that went on missed it
             raise NotPerSample("an output kept by the model was changed in place after the forward pass went on")
         passes = self._passes(logits, events, replaced, taps)
+        targets_of = {id(u): self._targets(u) for u in self.units}
         cotangents_of = slots_of(logits)
         for s0 in range(0, num_slots, slot_step):
             slots = range(s0, min(num_slots, s0 + slot_step))
             cot, weights = cotangents_of(slots)
             ws = weights.T.contiguous().to(logits.dtype)  # [S', B]
             last = slots.stop == num_slots
-            pending = [u for u in self.units if self._targets(u)]
+            pending = [u for u in self.units if targets_of[id(u)]]
             by_target: dict[int, torch.Tensor] = {}
             start, grad = logits, cot.to(logits.dtype).movedim(1, 0)  # [S', B, K]
             for targets, cut, tapped in passes:
@@ -365,7 +366,7 @@ class HookedFisher:
                 if cut is not None:  # the next part starts there; a stage's gradient is no unit's
                     start, grad = cut, by_target[id(cut)] if targets and cut is targets[0] else by_target.pop(id(cut))
                 del got
-                pending = self._add_ready(pending, by_target, ws, params, constants, fisher)
+                pending = self._add_ready(pending, targets_of, by_target, ws, params, constants, fisher)
             del by_target, grad
         for u in self.units:
             u.calls.clear()
@@ -391,11 +392,11 @@ class HookedFisher:
             passes.append(([e.tensor for e in part if e.target], cut, list(taps) if k == 0 else []))
         return passes
 
-    def _add_ready(self, pending: list[_Unit], by_target, w, params, constants, fisher) -> list[_Unit]:
+    def _add_ready(self, pending: list[_Unit], targets_of, by_target, w, params, constants, fisher) -> list[_Unit]:
         """Turn the units whose output gradients are all in into squares, drop their gradients; the rest wait."""
         waiting = []
         for u in pending:
-            targets = self._targets(u)
+            targets = targets_of[id(u)]
             if not all(id(t) in by_target for t in targets):
                 waiting.append(u)
                 continue

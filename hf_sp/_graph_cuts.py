@@ -24,9 +24,8 @@ def _children(node: Node) -> list[Node]:
     return [n for n, _ in node.next_functions if n is not None]
 
 
-def dominators(root: Node) -> tuple[dict[Node, Node], dict[Node, int]]:
-    """The immediate dominator of every node reachable from ``root`` (``root``'s is itself) and each node's
-    post-order number (``root`` has the largest)."""
+def dominators(root: Node) -> dict[Node, Node]:
+    """The immediate dominator of every node reachable from ``root`` (``root``'s is itself)."""
     order: list[Node] = []
     seen = {root}
     stack = [(root, iter(_children(root)))]
@@ -63,7 +62,7 @@ def dominators(root: Node) -> tuple[dict[Node, Node], dict[Node, int]]:
         for p in above[1:]:
             dom = intersect(dom, p)
         idom[node] = dom
-    return idom, number
+    return idom
 
 
 def cut_points(
@@ -79,7 +78,7 @@ def cut_points(
     (that one included) holds at least ``minimum`` of the ``sizes`` (of the tensors asked for), so that no pass is
     made for too little.
     """
-    idom, _ = dominators(root)
+    idom = dominators(root)
     wanted = set(cuts.values())
     chains: list[set[Node] | None] = []  # for every reachable source, the cut nodes that dominate it
     for node in sources:

@@ -162,10 +162,9 @@ def _class_slots(
 
 
 def _draw_once(draw, drawn: list, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``draw(probs)``, kept in ``drawn`` (as ``(probs, labels, weights)``) for a fallback on the same batch."""
-    labels, weights = draw(probs)
-    drawn.append((probs, labels, weights))
-    return labels, weights
+    """``draw(probs)``, kept in ``drawn`` for a fallback on the same batch."""
+    drawn.append(draw(probs))
+    return drawn[-1]
 
 
 def resolve_vectorize(vectorize: str, device: torch.device, hooks_supported: bool = True) -> str:
@@ -335,7 +334,7 @@ def estimate_fisher(
                 if x.dim() == 0 or x.shape[0] == 0:
                     continue
                 num_samples += x.shape[0]
-                drawn: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # this batch's (probs, slots)
+                drawn: list[tuple[torch.Tensor, torch.Tensor]] = []  # this batch's (labels, weights), once drawn
                 if hooked is not None:
                     # The first batches check that the hooks see independent samples (until per-sample copies were
                     # checked on two samples); if not, torch.func takes over from that batch on.
@@ -355,7 +354,7 @@ def estimate_fisher(
                         fisher.update(before)
                         hooked, vectorize = None, resolve_vectorize("auto", device, hooks_supported=False)
                 if drawn:  # the hooks gave up after drawing: the same slots (labels are drawn once per batch)
-                    probs, labels, weights = drawn[0]
+                    labels, weights = drawn[0]
                 else:
                     with torch.no_grad():
                         probs = torch.softmax(_logits(functional_call(model, (params, constants), (x,))), dim=-1)

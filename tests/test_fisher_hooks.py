@@ -405,7 +405,7 @@ def test_dominators_of_a_graph_with_two_paths():
     b, c = a.sin(), a.cos()
     d = b + c
     root = d.sum().grad_fn
-    idom, _ = dominators(root)
+    idom = dominators(root)
     add = root.next_functions[0][0]
     assert idom[add] is root and idom[b.grad_fn] is add and idom[c.grad_fn] is add
     assert idom[a.grad_fn] is add, "a is reached through b and through c: only their sum dominates it"
