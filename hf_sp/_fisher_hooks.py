@@ -16,8 +16,13 @@ logits of a class slot ``k``; with ``exact`` (all classes, weighted by ``p``) th
   time, not every layer's;
 * parameters held directly by a module without a rule, whose first dimension is 1 and broadcast over the batch
   (a ViT's ``cls_token`` and ``pos_embed``), are replaced by one copy per sample, whose gradients are then
-  the per-sample gradients; checked on the first batch of two samples or more, on two of them (same logits,
-  the gradients of a sample only on its copy);
+  the per-sample gradients; if the copies break the forward pass or mix the samples (a ``[1, ...]`` parameter
+  repeated over the batch, or indexed), the modules that hold such parameters go to :mod:`torch.func` instead;
+* a layer called on one sample's inputs in a batch of several (a position table looked up with ids of shape
+  ``[1, L]``, as BERT and SigLIP do) makes one output for all samples: its inputs and output are expanded to one
+  copy per sample, whose gradients are the per-sample ones;
+* both kinds of copies are checked on the first batch of two samples or more, on two of them (every layer sees both,
+  same logits, the gradients of a sample only on its copies);
 * every other parameter falls back to :mod:`torch.func`, locally: the module that holds it is re-run under
   ``vmap`` over the samples on its saved inputs, with a VJP of the saved output gradient.
 
@@ -107,7 +112,8 @@ def _cotangents(probs, labels, weights, exact: bool, slots: range) -> tuple[torc
 class _Event(NamedTuple):
     """A tensor made by the forward pass whose gradient may be asked for: a unit's output (``target``) or a
     stage's. ``source`` is the node that made it, ``node`` its clone's (the way the forward pass goes on from it),
-    ``cut`` whether the backward pass may stop there, ``version`` its version counter when it was made."""
+    ``cut`` whether the backward pass may stop there, ``version`` its version counter when it was made, ``shared``
+    whether it is one output for all samples, expanded to one copy per sample (see :meth:`HookedFisher._hook`)."""
 
     tensor: torch.Tensor
     source: Any
@@ -115,6 +121,7 @@ class _Event(NamedTuple):
     target: bool
     cut: bool
     version: int
+    shared: bool = False
 
 
 class _Unit:
@@ -134,19 +141,27 @@ class HookedFisher:
 
     def __init__(self, model: nn.Module, names: list[str]) -> None:
         self.model, self.selected = model, set(names)
-        self.units: list[_Unit] = []
-        self.replicas: list[str] = []
         self._checked = False
         #: one batched backward pass over the slots (see _backward); cleared when the graph does not support it
         self.batched_slots = BATCHED_SLOTS
         self._sizes: dict[tuple, tuple[int, int, int]] = {}  # one sample's output gradients: all, largest; classes
-        self._walk(model, "")
-        self.stages = self._stages(model)
+        self._batch = 0  # the samples of the forward pass under way
+        self._build(copies=True)
+
+    def _build(self, copies: bool) -> None:
+        """The units, the per-sample copies (if ``copies``: else their modules are units for torch.func) and the
+        stages."""
+        self._copies = copies
+        self.units: list[_Unit] = []
+        self.replicas: list[str] = []
+        self._walk(self.model, "")
+        self.stages = self._stages(self.model)
 
     @property
     def verified(self) -> bool:
-        """Whether the per-sample copies were checked (on a batch of two samples or more), or there are none."""
-        return self._checked or not self.replicas
+        """Whether the hooks were checked on a batch of two samples or more (:meth:`_check`): until then a batch
+        may still raise :class:`NotPerSample`."""
+        return self._checked
 
     @staticmethod
     def supported(model: nn.Module, names: list[str]) -> bool:
@@ -171,7 +186,7 @@ class HookedFisher:
             if direct:
                 self.units.append(_Unit(prefix, module, {n: full(n) for n, _ in direct}, rule))
             return
-        if direct and all(p.dim() > 0 and p.shape[0] == 1 for _, p in direct):
+        if direct and self._copies and all(p.dim() > 0 and p.shape[0] == 1 for _, p in direct):
             self.replicas += [full(n) for n, _ in direct]
         elif direct:  # whole subtree through torch.func: its children may use its parameters (MultiheadAttention)
             subtree = {n: full(n) for n, _ in module.named_parameters() if full(n) in self.selected}
@@ -197,16 +212,36 @@ class HookedFisher:
 
     # ------------------------------------------------------------------------------------------------------
     def _hook(self, unit: _Unit, events: list[_Event], module, args, kwargs, output):
-        # The output is cloned so that an in-place op after the layer (ReLU(inplace=True), x += shortcut) changes
-        # the clone, not the tensor whose gradient is asked for; inputs are checked for in-place changes instead.
+        """Save the unit's inputs and outputs; return a clone of its outputs, so that an in-place op after the layer
+        (ReLU(inplace=True), x += shortcut) changes the clone, not the tensor whose gradient is asked for (inputs
+        are checked for in-place changes instead).
+
+        A unit called on inputs of one sample while the batch has more (a position table looked up with ids of
+        shape ``[1, L]`` and added to every sample) makes one output for all: its gradient would be the samples'
+        sum. Its inputs and outputs are expanded to one copy per sample first (the output is then broadcast as it
+        was), and each copy's gradient is that sample's. :meth:`_check` verifies that the copies stay apart."""
         leaves, spec = tree_flatten(output)
+        inputs = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        outputs = [t for t in leaves if isinstance(t, torch.Tensor)]
+        batch = self._batch
+        shared = (
+            batch > 1
+            and bool(inputs)
+            and bool(outputs)
+            and all(t.dim() > 0 and t.shape[0] == 1 for t in (*inputs, *outputs))
+        )
+        if shared:
+            args = tuple(a.expand(batch, *a.shape[1:]) if isinstance(a, torch.Tensor) else a for a in args)
+            leaves = [t.expand(batch, *t.shape[1:]) if isinstance(t, torch.Tensor) else t for t in leaves]
         clones = [t.clone() if isinstance(t, torch.Tensor) and t.requires_grad else t for t in leaves]
         saved_args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
         versions = [a._version for a in saved_args if isinstance(a, torch.Tensor)]
         unit.calls.append((saved_args, kwargs, leaves, versions))
         pairs = [(t, c) for t, c in zip(leaves, clones, strict=True) if isinstance(t, torch.Tensor) and t.requires_grad]
         single = len(pairs) == 1
-        events += [_Event(t, t.grad_fn, c.grad_fn, True, single and not t._is_view(), t._version) for t, c in pairs]
+        events += [
+            _Event(t, t.grad_fn, c.grad_fn, True, single and not t._is_view(), t._version, shared) for t, c in pairs
+        ]
         return tree_unflatten(clones, spec)
 
     @staticmethod
@@ -248,7 +283,7 @@ class HookedFisher:
         if num_slots == 0:
             return
         if not self.verified:
-            self._check_replicas(x[:2], params, constants, logits_of)
+            self._check(x[:2], params, constants, logits_of)
         samples, slot_step = self._chunk(x, num_slots, params, constants, logits_of)
 
         def slots_of(logits: torch.Tensor) -> Callable[[range], tuple[torch.Tensor, torch.Tensor]]:
@@ -315,35 +350,7 @@ class HookedFisher:
         each part asks for the output gradients of the layers it crosses and for the gradient of the cut below,
         which starts the next part, and the layers whose gradients are all in are turned into squares at once, so
         that only one part's gradients are held at a time."""
-        batch = x.shape[0]
-        leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
-        taps = {
-            n: torch.zeros(batch, *params[n].shape[1:], dtype=params[n].dtype, device=x.device, requires_grad=True)
-            for n in self.replicas
-        }
-        replaced = {n: leaves[n].expand(batch, *leaves[n].shape[1:]) + taps[n] for n in self.replicas}
-        events: list[_Event] = []
-        handles = [u.module.register_forward_hook(partial(self._hook, u, events), with_kwargs=True) for u in self.units]
-        handles += [m.register_forward_hook(partial(self._stage_hook, events), with_kwargs=True) for m in self.stages]
-        for u in self.units:
-            u.calls.clear()
-        try:
-            with torch.enable_grad():
-                inp = x.detach().requires_grad_(True) if x.is_floating_point() else x
-                logits = logits_of(functional_call(self.model, ({**leaves, **replaced}, constants), (inp,)))
-        finally:
-            for h in handles:
-                h.remove()
-        for u in self.units:
-            for saved, _, out_leaves, versions in u.calls:
-                if [a._version for a in saved if isinstance(a, torch.Tensor)] != versions:
-                    raise NotPerSample(f"the input of {u.prefix or 'the model'} was changed in place")
-                sizes = {t.shape[0] for t in (*saved, *out_leaves) if isinstance(t, torch.Tensor) and t.dim() > 0}
-                if sizes - {batch}:  # e.g. windows of the samples folded into the batch dimension (Swin)
-                    raise NotPerSample(f"{u.prefix or 'the model'} sees a batch of {sorted(sizes)}, not {batch} samples")
-        if any(e.tensor._version != e.version for e in events):
-            # the model kept a layer's or a stage's output and changed it in place: the clone that went on missed it
-            raise NotPerSample("an output kept by the model was changed in place after the forward pass went on")
+        logits, events, replaced, taps = self._forward(x, params, constants, logits_of, stages=True)
         passes = self._passes(logits, events, replaced, taps)
         targets_of = {id(u): self._targets(u) for u in self.units}
         cotangents_of = slots_of(logits)
@@ -370,6 +377,49 @@ class HookedFisher:
             del by_target, grad
         for u in self.units:
             u.calls.clear()
+
+    def _forward(self, x, params, constants, logits_of, stages: bool) -> tuple[Any, list[_Event], dict, dict]:
+        """The hooked forward pass over ``x``: (logits, events, the per-sample copies of the broadcast parameters,
+        their taps ``[B, ...]``: zeros whose gradients are the per-sample gradients); the units' calls are saved
+        and checked (:meth:`_check_calls`), the stages hooked if ``stages``."""
+        batch = x.shape[0]
+        leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+        taps = {
+            n: torch.zeros(batch, *params[n].shape[1:], dtype=params[n].dtype, device=x.device, requires_grad=True)
+            for n in self.replicas
+        }
+        replaced = {n: leaves[n].expand(batch, *leaves[n].shape[1:]) + taps[n] for n in self.replicas}
+        events: list[_Event] = []
+        handles = [u.module.register_forward_hook(partial(self._hook, u, events), with_kwargs=True) for u in self.units]
+        if stages:
+            handles += [m.register_forward_hook(partial(self._stage_hook, events), with_kwargs=True) for m in self.stages]
+        for u in self.units:
+            u.calls.clear()
+        self._batch = batch
+        try:
+            with torch.enable_grad():
+                inp = x.detach().requires_grad_(True) if x.is_floating_point() else x
+                logits = logits_of(functional_call(self.model, ({**leaves, **replaced}, constants), (inp,)))
+        finally:
+            self._batch = 0
+            for h in handles:
+                h.remove()
+        self._check_calls(batch, events)
+        return logits, events, replaced, taps
+
+    def _check_calls(self, batch: int, events: list[_Event]) -> None:
+        """Raise :class:`NotPerSample` if a unit's saved input was changed in place, a unit saw other than ``batch``
+        samples or a hooked output was changed in place after the forward pass went on."""
+        for u in self.units:
+            for saved, _, out_leaves, versions in u.calls:
+                if [a._version for a in saved if isinstance(a, torch.Tensor)] != versions:
+                    raise NotPerSample(f"the input of {u.prefix or 'the model'} was changed in place")
+                sizes = {t.shape[0] for t in (*saved, *out_leaves) if isinstance(t, torch.Tensor) and t.dim() > 0}
+                if sizes - {batch}:  # e.g. windows of the samples folded into the batch dimension (Swin)
+                    raise NotPerSample(f"{u.prefix or 'the model'} sees a batch of {sorted(sizes)}, not {batch} samples")
+        if any(e.tensor._version != e.version for e in events):
+            # the model kept a layer's or a stage's output and changed it in place: the clone that went on missed it
+            raise NotPerSample("an output kept by the model was changed in place after the forward pass went on")
 
     @staticmethod
     def _targets(u: _Unit) -> list[torch.Tensor]:
@@ -515,27 +565,46 @@ class HookedFisher:
             if v is not None:
                 fisher[u.names[loc]] += v.to(fisher[u.names[loc]].dtype)
 
-    def _check_replicas(self, x, params, constants, logits_of) -> None:
-        """Per-sample copies must give the same logits, and a sample's gradient must land on its copy only
-        (checked on the first two samples, with a cotangent on the last one's logits)."""
-        batch = x.shape[0]
-        self._checked = batch >= 2  # one sample cannot show mixing: the next batch is checked again
-        taps = {
-            n: torch.zeros(batch, *params[n].shape[1:], dtype=params[n].dtype, device=x.device, requires_grad=True)
-            for n in self.replicas
-        }
-        with torch.enable_grad():
-            replaced = {n: params[n].expand(batch, *params[n].shape[1:]) + taps[n] for n in self.replicas}
-            logits = logits_of(functional_call(self.model, ({**params, **replaced}, constants), (x,)))
+    def _check(self, x, params, constants, logits_of) -> None:
+        """Check on two samples ``x`` that the hooks see them apart, before the first batch is added: every unit
+        sees both (:meth:`_check_calls`), the per-sample copies of broadcast parameters and of shared outputs
+        (:meth:`_hook`) give the same logits as the model, and the gradient of the last sample's logits lands on its
+        copies only. Copies of parameters that fail it (a model that repeats its ``[1, ...]`` parameter over the
+        batch instead of broadcasting it) are given up for torch.func on the modules that hold them, and the check is
+        made again; :class:`NotPerSample` if it still fails. One sample cannot show mixing: the next batch is
+        checked."""
+        if x.shape[0] < 2:
+            return
+        try:
+            self._check_copies(x, params, constants, logits_of)
+        except RuntimeError as error:  # NotPerSample, or the copies broke the forward pass
+            if self.replicas:
+                self._build(copies=False)
+                self._check(x, params, constants, logits_of)
+                return
+            if isinstance(error, NotPerSample):
+                raise
+            raise NotPerSample(f"the hooked forward pass failed: {error}") from error
+        self._checked = True
+
+    def _check_copies(self, x, params, constants, logits_of) -> None:
+        """The forward pass, logits and gradients of :meth:`_check`."""
+        try:
+            logits, events, _, taps = self._forward(x, params, constants, logits_of, stages=False)
+        finally:
+            for u in self.units:
+                u.calls.clear()
         with torch.no_grad():
             plain = logits_of(functional_call(self.model, (params, constants), (x,)))
         if plain.shape != logits.shape or not torch.allclose(plain, logits.detach(), rtol=1e-5, atol=1e-6):
-            raise NotPerSample("per-sample copies of broadcast parameters change the logits")
-        if batch < 2:
+            raise NotPerSample("per-sample copies of broadcast parameters or shared outputs change the logits")
+        copies = [*taps.values(), *(e.tensor for e in events if e.shared)]
+        if not copies:
             return
-        cot = torch.zeros_like(logits)
-        cot[-1] = torch.linspace(1.0, 2.0, logits.shape[-1], dtype=logits.dtype, device=logits.device)
-        got = torch.autograd.grad(logits, list(taps.values()), cot, allow_unused=True)
-        for g in got:
-            if g is not None and bool(g[:-1].abs().amax() > 0):
-                raise NotPerSample("a broadcast parameter mixes samples")
+        ramp = torch.linspace(1.0, 2.0, logits.shape[-1], dtype=logits.dtype, device=logits.device)
+        for sample in (0, 1):  # each sample's gradient on its own copies only (a copy picked by [0] or [-1] fails)
+            cot = torch.zeros_like(logits)
+            cot[sample] = ramp
+            for g in torch.autograd.grad(logits, copies, cot, retain_graph=sample == 0, allow_unused=True):
+                if g is not None and bool(g[1 - sample].abs().amax() > 0):
+                    raise NotPerSample("a per-sample copy mixes samples")

@@ -168,7 +168,17 @@ def _linear(m: nn.Linear, inputs, grads, w):
 
 
 def _conv_supported(m: nn.Module) -> bool:
-    return m.padding_mode == "zeros" and not isinstance(m.padding, str)
+    return m.padding_mode == "zeros"
+
+
+def _conv_padding(m: nn.Conv1d | nn.Conv2d) -> list[tuple[int, int]]:
+    """Zeros before and after each spatial dimension, as the convolution pads: ``padding="same"`` puts
+    ``total // 2`` of ``total = dilation * (kernel - 1)`` before, the rest after; ``"valid"`` none."""
+    if m.padding == "valid":
+        return [(0, 0)] * len(m.kernel_size)
+    if m.padding == "same":
+        return [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for d, k in zip(m.dilation, m.kernel_size, strict=True)]
+    return [(p, p) for p in m.padding]
 
 
 def _conv(m: nn.Conv1d | nn.Conv2d, inputs, grads, w):
@@ -178,10 +188,15 @@ def _conv(m: nn.Conv1d | nn.Conv2d, inputs, grads, w):
         return tuple(v) if two_d else (1, v[0])
 
     groups, c_out = m.groups, m.out_channels
+    padding = _conv_padding(m)
+    symmetric = all(before == after for before, after in padding)
+    befores = [before for before, _ in padding] if symmetric else [0] * len(padding)
+    pad = tuple(befores) if two_d else (0, befores[0])
     xs = []
     for i in inputs:
+        if not symmetric:  # F.pad's order: the last dimension first
+            i = F.pad(i, [n for before_after in reversed(padding) for n in before_after])
         i = i if two_d else i.unsqueeze(2)
-        pad = (m.padding[0], m.padding[1]) if two_d else (0, m.padding[0])
         cols = F.unfold(i, pair(m.kernel_size), dilation=pair(m.dilation), padding=pad, stride=pair(m.stride))
         xs.append(cols.transpose(1, 2).reshape(i.shape[0], cols.shape[-1], groups, -1))  # [B, L, Gr, I]
     x = _cat_calls(xs, 1)

@@ -336,8 +336,8 @@ def estimate_fisher(
                 num_samples += x.shape[0]
                 drawn: list[tuple[torch.Tensor, torch.Tensor]] = []  # this batch's (labels, weights), once drawn
                 if hooked is not None:
-                    # The first batches check that the hooks see independent samples (until per-sample copies were
-                    # checked on two samples); if not, torch.func takes over from that batch on.
+                    # The first batches check that the hooks see independent samples (until a batch of two samples
+                    # or more was checked); if not, torch.func takes over from that batch on.
                     before = {n: f.clone() for n, f in fisher.items()} if not hooked_ok else None
                     num_classes = hooked.num_classes(x, params, constants, _logits)
                     exact = num_label_samples is None and (top_k is None or top_k >= num_classes)

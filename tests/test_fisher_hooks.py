@@ -592,3 +592,127 @@ class Windows(nn.Module):
 
 def test_a_layer_that_sees_no_batch_of_samples_gives_the_model_to_torch_func():
     _assert_hooks_match_the_loop(Windows, (3, 4, 6))
+
+
+class SharedTable(nn.Module):
+    """A position table looked up with ids of shape ``[1, L]``, normalized and broadcast over the samples (BERT's and
+    SigLIP's position embeddings): the lookup and the norm make one output for all samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("ids", torch.arange(4)[None])
+        self.pos = nn.Embedding(4, 6)
+        self.norm = nn.LayerNorm(6)
+        self.lin = nn.Linear(6, 6)
+        self.head = nn.Linear(6, K)
+
+    def positions(self) -> torch.Tensor:
+        return self.norm(self.pos(self.ids))  # [1, 4, 6]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.lin(x) + self.positions()).mean(1))
+
+
+class SharedFirst(SharedTable):
+    """:class:`SharedTable` that drops the table's batch dimension with ``[0]``: one copy per sample would send every
+    sample's gradient to copy 0."""
+
+    def positions(self) -> torch.Tensor:
+        return super().positions()[0]
+
+
+class SharedLast(SharedTable):
+    """:class:`SharedTable` that drops the table's batch dimension with ``[-1]``: every sample's gradient would go to
+    the last sample's copy."""
+
+    def positions(self) -> torch.Tensor:
+        return super().positions()[-1]
+
+
+class RepeatedProbe(nn.Module):
+    """A ``[1, 1, D]`` parameter repeated over the batch (SigLIP's pooling head), not broadcast: per-sample copies
+    would repeat ``B`` copies ``B`` times."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+        self.pool = Pool()
+        self.head = nn.Linear(6, K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(torch.tanh(self.lin(x))))
+
+
+class Pool(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.probe = nn.Parameter(torch.randn(1, 1, 6))
+        self.proj = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([self.probe.repeat(x.shape[0], 1, 1), x], dim=1)  # [B, 1 + L, D]
+        return torch.tanh(self.proj(h)).mean(1)
+
+
+def _gave_up(monkeypatch) -> list[str]:
+    """The NotPerSample errors that HookedFisher.add raises from now on (the model then goes to torch.func)."""
+    errors: list[str] = []
+    add = HookedFisher.add
+
+    def spy(self, *args, **kwargs):
+        try:
+            return add(self, *args, **kwargs)
+        except _fisher_hooks.NotPerSample as error:
+            errors.append(str(error))
+            raise
+
+    monkeypatch.setattr(HookedFisher, "add", spy)
+    return errors
+
+
+@pytest.mark.parametrize("sizes", [(4,), (1, 3), (2, 1, 1)], ids=["one-batch", "one-sample-first", "two-first"])
+@pytest.mark.parametrize(
+    ("model", "hooked"), [(SharedTable, True), (SharedFirst, False), (SharedLast, False), (RepeatedProbe, True)]
+)
+def test_outputs_and_parameters_shared_by_the_samples(monkeypatch, model, hooked, sizes):
+    """A unit called on one sample's inputs in a batch of several gets one copy of its output per sample, and a
+    ``[1, ...]`` parameter that per-sample copies break goes to torch.func with the module that holds it; both
+    checked before the first batch of two samples or more is added (a first batch of one sample shows nothing:
+    this used to raise on the next batch, or the repeated probe failed the forward pass). Where a copy mixes
+    samples, the model goes to torch.func."""
+    errors = _gave_up(monkeypatch)
+    torch.manual_seed(0)
+    net = model().double()
+    x = torch.randn(4, 4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    fisher = estimate_fisher(net, list(x.split(sizes)), vectorize="hooks", progress=False, dtype=torch.float64)
+    _assert_close(fisher, _reference_fisher(net, x, _exact_slots))
+    assert (not errors) == hooked, errors
+    if model is RepeatedProbe:
+        engine, params, fisher = _engine(net)
+        assert engine.replicas == ["pool.probe"]
+        _add_exact(engine, net, x, params, fisher)
+        kinds = {u.prefix: "rule" if u.rule else "torch.func" for u in engine.units}
+        assert engine.replicas == [] and kinds == {"lin": "rule", "pool": "torch.func", "head": "rule"}
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        lambda: nn.Conv2d(3, 4, 4, stride=4, padding="valid"),  # SigLIP's patch embedding
+        lambda: nn.Conv2d(3, 4, (2, 3), padding="same"),  # one zero more after than before in the first dimension
+        lambda: nn.Conv2d(3, 4, 3, padding="same", dilation=2),
+        lambda: nn.Conv1d(3, 4, 4, padding="same"),
+    ],
+    ids=["valid", "same-uneven", "same-dilated", "same-1d"],
+)
+def test_convolutions_padded_by_name_have_a_rule(conv):
+    torch.manual_seed(0)
+    layer = conv()
+    shape = (4, 3, 8, 8) if isinstance(layer, nn.Conv2d) else (4, 3, 8)
+    with torch.no_grad():
+        features = layer(torch.zeros(1, *shape[1:])).numel()
+    net = nn.Sequential(layer, nn.Tanh(), nn.Flatten(), nn.Linear(features, K)).double()
+    assert all(u.rule is not None for u in HookedFisher(net, [n for n, _ in net.named_parameters()]).units)
+    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    fisher = estimate_fisher(net, [x], vectorize="hooks", progress=False, dtype=torch.float64)
+    _assert_close(fisher, _reference_fisher(net, x, _exact_slots))
