@@ -282,7 +282,7 @@ class HookedFisher:
         slots."""
         if num_slots == 0:
             return
-        if not self.verified:
+        if not self.verified and self.replicas:
             self._check(x[:2], params, constants, logits_of)
         samples, slot_step = self._chunk(x, num_slots, params, constants, logits_of)
 
@@ -351,6 +351,14 @@ class HookedFisher:
         which starts the next part, and the layers whose gradients are all in are turned into squares at once, so
         that only one part's gradients are held at a time."""
         logits, events, replaced, taps = self._forward(x, params, constants, logits_of, stages=True)
+        if not self._checked and x.shape[0] >= 2:
+            if any(e.shared for e in events):  # copies of shared outputs, not checked yet: check, then start again
+                for u in self.units:
+                    u.calls.clear()
+                del logits, events, replaced, taps
+                self._check(x[:2], params, constants, logits_of)
+                return self._add_chunk(x, slots_of, num_slots, slot_step, params, constants, logits_of, fisher)
+            self._checked = True  # every unit saw the samples (_check_calls), and there are no copies to check
         passes = self._passes(logits, events, replaced, taps)
         targets_of = {id(u): self._targets(u) for u in self.units}
         cotangents_of = slots_of(logits)
@@ -566,7 +574,8 @@ class HookedFisher:
                 fisher[u.names[loc]] += v.to(fisher[u.names[loc]].dtype)
 
     def _check(self, x, params, constants, logits_of) -> None:
-        """Check on two samples ``x`` that the hooks see them apart, before the first batch is added: every unit
+        """Check on two samples ``x`` that the hooks see them apart, before the first batch with per-sample copies
+        (of parameters: known from the start; of shared outputs: seen in the forward pass) is added: every unit
         sees both (:meth:`_check_calls`), the per-sample copies of broadcast parameters and of shared outputs
         (:meth:`_hook`) give the same logits as the model, and the gradient of the last sample's logits lands on its
         copies only. Copies of parameters that fail it (a model that repeats its ``[1, ...]`` parameter over the

@@ -716,3 +716,16 @@ def test_convolutions_padded_by_name_have_a_rule(conv):
     x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     fisher = estimate_fisher(net, [x], vectorize="hooks", progress=False, dtype=torch.float64)
     _assert_close(fisher, _reference_fisher(net, x, _exact_slots))
+
+
+def test_a_model_without_copies_is_checked_by_its_own_forward_passes():
+    """Without per-sample copies, the first batch's own forward pass checks that every layer sees its samples: one
+    forward pass of two samples or more per batch, no other."""
+    torch.manual_seed(0)
+    net = Images().double()
+    x = torch.randn(7, 4, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    passes = []
+    net.register_forward_hook(lambda m, a, o: passes.append(a[0].shape[0]) if a[0].shape[0] > 1 else None)
+    fisher = estimate_fisher(net, [x[:1], x[1:4], x[4:]], vectorize="hooks", progress=False, dtype=torch.float64)
+    assert passes == [3, 3]
+    _assert_close(fisher, _reference_fisher(net, x, _exact_slots))
