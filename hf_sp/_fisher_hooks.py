@@ -146,6 +146,7 @@ class HookedFisher:
         self.batched_slots = BATCHED_SLOTS
         self._sizes: dict[tuple, tuple[int, int, int]] = {}  # one sample's output gradients: all, largest; classes
         self._batch = 0  # the samples of the forward pass under way
+        self._expanded = False  # whether it expanded a shared output (see _hook)
         self._build(copies=True)
 
     def _build(self, copies: bool) -> None:
@@ -231,6 +232,7 @@ class HookedFisher:
             and all(t.dim() > 0 and t.shape[0] == 1 for t in (*inputs, *outputs))
         )
         if shared:
+            self._expanded = True
             args = tuple(a.expand(batch, *a.shape[1:]) if isinstance(a, torch.Tensor) else a for a in args)
             leaves = [t.expand(batch, *t.shape[1:]) if isinstance(t, torch.Tensor) else t for t in leaves]
         clones = [t.clone() if isinstance(t, torch.Tensor) and t.requires_grad else t for t in leaves]
@@ -403,11 +405,16 @@ class HookedFisher:
             handles += [m.register_forward_hook(partial(self._stage_hook, events), with_kwargs=True) for m in self.stages]
         for u in self.units:
             u.calls.clear()
-        self._batch = batch
+        self._batch, self._expanded = batch, False
         try:
             with torch.enable_grad():
                 inp = x.detach().requires_grad_(True) if x.is_floating_point() else x
                 logits = logits_of(functional_call(self.model, ({**leaves, **replaced}, constants), (inp,)))
+        except RuntimeError as error:
+            if not self._expanded or isinstance(error, NotPerSample):
+                raise
+            # the model reshapes a shared output to its one-sample shape (.view(L, D)): no copies for it
+            raise NotPerSample(f"per-sample copies of a shared output broke the forward pass: {error}") from error
         finally:
             self._batch = 0
             for h in handles:

@@ -629,6 +629,14 @@ class SharedLast(SharedTable):
         return super().positions()[-1]
 
 
+class SharedReshaped(SharedTable):
+    """:class:`SharedTable` that reshapes the table to its one-sample shape: copies per sample break the forward
+    pass, and the model goes to torch.func."""
+
+    def positions(self) -> torch.Tensor:
+        return super().positions().view(4, 6)
+
+
 class RepeatedProbe(nn.Module):
     """A ``[1, 1, D]`` parameter repeated over the batch (SigLIP's pooling head), not broadcast: per-sample copies
     would repeat ``B`` copies ``B`` times."""
@@ -672,7 +680,8 @@ def _gave_up(monkeypatch) -> list[str]:
 
 @pytest.mark.parametrize("sizes", [(4,), (1, 3), (2, 1, 1)], ids=["one-batch", "one-sample-first", "two-first"])
 @pytest.mark.parametrize(
-    ("model", "hooked"), [(SharedTable, True), (SharedFirst, False), (SharedLast, False), (RepeatedProbe, True)]
+    ("model", "hooked"),
+    [(SharedTable, True), (SharedFirst, False), (SharedLast, False), (SharedReshaped, False), (RepeatedProbe, True)],
 )
 def test_outputs_and_parameters_shared_by_the_samples(monkeypatch, model, hooked, sizes):
     """A unit called on one sample's inputs in a batch of several gets one copy of its output per sample, and a
