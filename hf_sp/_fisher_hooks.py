@@ -22,7 +22,8 @@ logits of a class slot ``k``; with ``exact`` (all classes, weighted by ``p``) th
   ``[1, L]``, as BERT and SigLIP do) makes one output for all samples: its inputs and output are expanded to one
   copy per sample, whose gradients are the per-sample ones;
 * both kinds of copies are checked on the first batch of two samples or more, on two of them (every layer sees both,
-  same logits, the gradients of a sample only on its copies);
+  each gets the logits it gets alone, the gradients of a sample only on its copies); a batch that the copies
+  break before it adds anything (a later, larger one) gives the model to torch.func too;
 * every other parameter falls back to :mod:`torch.func`, locally: the module that holds it is re-run under
   ``vmap`` over the samples on its saved inputs, with a VJP of the saved output gradient.
 
@@ -147,6 +148,7 @@ class HookedFisher:
         self._sizes: dict[tuple, tuple[int, int, int]] = {}  # one sample's output gradients: all, largest; classes
         self._batch = 0  # the samples of the forward pass under way
         self._expanded = False  # whether it expanded a shared output (see _hook)
+        self.touched = False  # whether the batch under way added to the Fisher
         self._build(copies=True)
 
     def _build(self, copies: bool) -> None:
@@ -284,6 +286,7 @@ class HookedFisher:
         slots."""
         if num_slots == 0:
             return
+        self.touched = False  # until this batch adds to the Fisher: a NotPerSample leaves it as it was
         if not self.verified and self.replicas:
             self._check(x[:2], params, constants, logits_of)
         samples, slot_step = self._chunk(x, num_slots, params, constants, logits_of)
@@ -362,6 +365,7 @@ class HookedFisher:
                 return self._add_chunk(x, slots_of, num_slots, slot_step, params, constants, logits_of, fisher)
             self._checked = True  # every unit saw the samples (_check_calls), and there are no copies to check
         passes = self._passes(logits, events, replaced, taps)
+        self.touched = True
         targets_of = {id(u): self._targets(u) for u in self.units}
         cotangents_of = slots_of(logits)
         for s0 in range(0, num_slots, slot_step):
@@ -410,10 +414,10 @@ class HookedFisher:
             with torch.enable_grad():
                 inp = x.detach().requires_grad_(True) if x.is_floating_point() else x
                 logits = logits_of(functional_call(self.model, ({**leaves, **replaced}, constants), (inp,)))
-        except RuntimeError as error:
+        except Exception as error:
             if not self._expanded or isinstance(error, NotPerSample):
                 raise
-            # the model reshapes a shared output to its one-sample shape (.view(L, D)): no copies for it
+            # the model reshapes or unpacks a shared output as one sample's (.view(L, D)): no copies for it
             raise NotPerSample(f"per-sample copies of a shared output broke the forward pass: {error}") from error
         finally:
             self._batch = 0
@@ -584,7 +588,8 @@ class HookedFisher:
         """Check on two samples ``x`` that the hooks see them apart, before the first batch with per-sample copies
         (of parameters: known from the start; of shared outputs: seen in the forward pass) is added: every unit
         sees both (:meth:`_check_calls`), the per-sample copies of broadcast parameters and of shared outputs
-        (:meth:`_hook`) give the same logits as the model, and the gradient of the last sample's logits lands on its
+        (:meth:`_hook`) give the logits that each sample gets alone (a unit on ``x[:1]`` or ``x.mean(0)`` looks
+        shared, but it is not one sample's), and the gradient of the last sample's logits lands on its
         copies only. Copies of parameters that fail it (a model that repeats its ``[1, ...]`` parameter over the
         batch instead of broadcasting it) are given up for torch.func on the modules that hold them, and the check is
         made again; :class:`NotPerSample` if it still fails. One sample cannot show mixing: the next batch is
@@ -593,7 +598,7 @@ class HookedFisher:
             return
         try:
             self._check_copies(x, params, constants, logits_of)
-        except RuntimeError as error:  # NotPerSample, or the copies broke the forward pass
+        except Exception as error:  # NotPerSample, or the copies broke the forward pass
             if self.replicas:
                 self._build(copies=False)
                 self._check(x, params, constants, logits_of)
@@ -611,9 +616,10 @@ class HookedFisher:
             for u in self.units:
                 u.calls.clear()
         with torch.no_grad():
-            plain = logits_of(functional_call(self.model, (params, constants), (x,)))
+            alone = [logits_of(functional_call(self.model, (params, constants), (x[i : i + 1],))) for i in (0, 1)]
+        plain = torch.cat(alone)
         if plain.shape != logits.shape or not torch.allclose(plain, logits.detach(), rtol=1e-5, atol=1e-6):
-            raise NotPerSample("per-sample copies of broadcast parameters or shared outputs change the logits")
+            raise NotPerSample("the samples' logits in a batch with per-sample copies differ from their logits alone")
         copies = [*taps.values(), *(e.tensor for e in events if e.shared)]
         if not copies:
             return

@@ -349,9 +349,10 @@ def estimate_fisher(
                         hooked_ok = hooked.verified  # until then, a later batch may still fall back
                         continue
                     except NotPerSample:
-                        if before is None:
+                        if before is None and hooked.touched:
                             raise
-                        fisher.update(before)
+                        if before is not None:
+                            fisher.update(before)
                         hooked, vectorize = None, resolve_vectorize("auto", device, hooks_supported=False)
                 if drawn:  # the hooks gave up after drawing: the same slots (labels are drawn once per batch)
                     labels, weights = drawn[0]

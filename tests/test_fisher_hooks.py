@@ -637,6 +637,27 @@ class SharedReshaped(SharedTable):
         return super().positions().view(4, 6)
 
 
+class SharedUnpacked(SharedTable):
+    """:class:`SharedTable` that unpacks the table over its batch dimension (a ValueError with copies)."""
+
+    def positions(self) -> torch.Tensor:
+        (table,) = super().positions()
+        return table
+
+
+class FromTheBatch(nn.Module):
+    """A layer on ``x.mean(0, keepdim=True)``: its inputs have one row, but they are no sample's (the model is not
+    per sample: each sample alone gives other logits)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+        self.head = nn.Linear(6, K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(x + self.lin(x.mean(0, keepdim=True))).mean(1))
+
+
 class RepeatedProbe(nn.Module):
     """A ``[1, 1, D]`` parameter repeated over the batch (SigLIP's pooling head), not broadcast: per-sample copies
     would repeat ``B`` copies ``B`` times."""
@@ -681,7 +702,14 @@ def _gave_up(monkeypatch) -> list[str]:
 @pytest.mark.parametrize("sizes", [(4,), (1, 3), (2, 1, 1)], ids=["one-batch", "one-sample-first", "two-first"])
 @pytest.mark.parametrize(
     ("model", "hooked"),
-    [(SharedTable, True), (SharedFirst, False), (SharedLast, False), (SharedReshaped, False), (RepeatedProbe, True)],
+    [
+        (SharedTable, True),
+        (SharedFirst, False),
+        (SharedLast, False),
+        (SharedReshaped, False),
+        (SharedUnpacked, False),
+        (RepeatedProbe, True),
+    ],
 )
 def test_outputs_and_parameters_shared_by_the_samples(monkeypatch, model, hooked, sizes):
     """A unit called on one sample's inputs in a batch of several gets one copy of its output per sample, and a
@@ -738,3 +766,36 @@ def test_a_model_without_copies_is_checked_by_its_own_forward_passes():
     fisher = estimate_fisher(net, [x[:1], x[1:4], x[4:]], vectorize="hooks", progress=False, dtype=torch.float64)
     assert passes == [3, 3]
     _assert_close(fisher, _reference_fisher(net, x, _exact_slots))
+
+
+class SharedSliced(SharedTable):
+    """:class:`SharedTable` whose table is sliced to two rows: the copies pass the check on two samples and break
+    the forward pass of a larger batch."""
+
+    def positions(self) -> torch.Tensor:
+        return super().positions()[:2]
+
+
+def test_a_later_batch_that_the_copies_break_goes_to_torch_func_before_it_adds_anything(monkeypatch):
+    errors = _gave_up(monkeypatch)
+    torch.manual_seed(0)
+    net = SharedSliced().double()
+    x = torch.randn(5, 4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    fisher = estimate_fisher(net, [x[:2], x[2:]], vectorize="hooks", progress=False, dtype=torch.float64)
+    _assert_close(fisher, _reference_fisher(net, x, _exact_slots))
+    assert len(errors) == 1 and "broke the forward pass" in errors[0]
+
+
+@pytest.mark.parametrize("sizes", [(4,), (1, 3), (2, 1, 1)], ids=["one-batch", "one-sample-first", "two-first"])
+def test_a_layer_on_a_statistic_of_the_batch_is_not_taken_for_a_shared_one(monkeypatch, sizes):
+    """Its input has one row, like a position table's, but each sample alone gives other logits: the model goes to
+    torch.func (whose probabilities come from the batch too: the reference here), copies would have given the
+    gradients of the batch's statistic."""
+    errors = _gave_up(monkeypatch)
+    torch.manual_seed(0)
+    net = FromTheBatch().double()
+    x = torch.randn(4, 4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    batches = list(x.split(sizes))
+    fisher = estimate_fisher(net, batches, vectorize="hooks", progress=False, dtype=torch.float64)
+    _assert_close(fisher, estimate_fisher(net, batches, vectorize="classes", progress=False, dtype=torch.float64))
+    assert errors and "alone" in errors[0]
