@@ -224,12 +224,16 @@ class HookedFisher:
         sum. Its inputs and outputs are expanded to one copy per sample first (the output is then broadcast as it
         was), and each copy's gradient is that sample's. :meth:`_check` verifies that the copies stay apart."""
         leaves, spec = tree_flatten(output)
+        if unit.rule is not None and not args and "input" in kwargs:  # layer(input=x): the rules read args[0]
+            kwargs = dict(kwargs)
+            args = (kwargs.pop("input"),)
         inputs = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
         outputs = [t for t in leaves if isinstance(t, torch.Tensor)]
         batch = self._batch
         shared = (
             batch > 1
             and bool(inputs)
+            and not any(isinstance(a, torch.Tensor) for a in tree_flatten(kwargs)[0])  # copies are made of args
             and bool(outputs)
             and all(t.dim() > 0 and t.shape[0] == 1 for t in (*inputs, *outputs))
         )

@@ -799,3 +799,20 @@ def test_a_layer_on_a_statistic_of_the_batch_is_not_taken_for_a_shared_one(monke
     fisher = estimate_fisher(net, batches, vectorize="hooks", progress=False, dtype=torch.float64)
     _assert_close(fisher, estimate_fisher(net, batches, vectorize="classes", progress=False, dtype=torch.float64))
     assert errors and "alone" in errors[0]
+
+
+class Keywords(nn.Module):
+    """Layers called with their input as a keyword (``layer(input=x)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+        self.norm = nn.LayerNorm(6)
+        self.head = nn.Linear(6, K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(input=torch.tanh(self.norm(input=self.lin(input=x))).mean(1))
+
+
+def test_layers_called_with_their_input_as_a_keyword():
+    _assert_hooks_match_the_loop(Keywords, (3, 4, 6))
