@@ -154,10 +154,9 @@ class HookedFisher:
     def _build(self, copies: bool) -> None:
         """The units, the per-sample copies (if ``copies``: else their modules are units for torch.func) and the
         stages."""
-        self._copies = copies
         self.units: list[_Unit] = []
         self.replicas: list[str] = []
-        self._walk(self.model, "")
+        self._walk(self.model, "", copies)
         self.stages = self._stages(self.model)
 
     @property
@@ -179,7 +178,7 @@ class HookedFisher:
             seen.setdefault(id(p), n)
         return True
 
-    def _walk(self, module: nn.Module, prefix: str) -> None:
+    def _walk(self, module: nn.Module, prefix: str, copies: bool) -> None:
         def full(local: str) -> str:
             return f"{prefix}.{local}" if prefix else local
 
@@ -189,14 +188,14 @@ class HookedFisher:
             if direct:
                 self.units.append(_Unit(prefix, module, {n: full(n) for n, _ in direct}, rule))
             return
-        if direct and self._copies and all(p.dim() > 0 and p.shape[0] == 1 for _, p in direct):
+        if direct and copies and all(p.dim() > 0 and p.shape[0] == 1 for _, p in direct):
             self.replicas += [full(n) for n, _ in direct]
         elif direct:  # whole subtree through torch.func: its children may use its parameters (MultiheadAttention)
             subtree = {n: full(n) for n, _ in module.named_parameters() if full(n) in self.selected}
             self.units.append(_Unit(prefix, module, subtree, None))
             return
         for name, child in module.named_children():
-            self._walk(child, full(name))
+            self._walk(child, full(name), copies)
 
     def _stages(self, model: nn.Module) -> list[nn.Module]:
         """Modules whose outputs may split the backward pass (besides the units'): the model's children and the
@@ -227,14 +226,14 @@ class HookedFisher:
         if unit.rule is not None and not args and "input" in kwargs:  # layer(input=x): the rules read args[0]
             kwargs = dict(kwargs)
             args = (kwargs.pop("input"),)
-        inputs = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        inputs = [a for a in args if isinstance(a, torch.Tensor)]  # the copies are made of these
         outputs = [t for t in leaves if isinstance(t, torch.Tensor)]
         batch = self._batch
         shared = (
             batch > 1
             and bool(inputs)
-            and not any(isinstance(a, torch.Tensor) for a in tree_flatten(kwargs)[0])  # copies are made of args
             and bool(outputs)
+            and len(inputs) == sum(isinstance(a, torch.Tensor) for a in tree_flatten((args, kwargs))[0])
             and all(t.dim() > 0 and t.shape[0] == 1 for t in (*inputs, *outputs))
         )
         if shared:
@@ -593,8 +592,7 @@ class HookedFisher:
         (of parameters: known from the start; of shared outputs: seen in the forward pass) is added: every unit
         sees both (:meth:`_check_calls`), the per-sample copies of broadcast parameters and of shared outputs
         (:meth:`_hook`) give the logits that each sample gets alone (a unit on ``x[:1]`` or ``x.mean(0)`` looks
-        shared, but it is not one sample's), and the gradient of the last sample's logits lands on its
-        copies only. Copies of parameters that fail it (a model that repeats its ``[1, ...]`` parameter over the
+        shared, but it is not one sample's), and the gradient of each sample's logits lands on its own copies only. Copies of parameters that fail it (a model that repeats its ``[1, ...]`` parameter over the
         batch instead of broadcasting it) are given up for torch.func on the modules that hold them, and the check is
         made again; :class:`NotPerSample` if it still fails. One sample cannot show mixing: the next batch is
         checked."""
@@ -624,7 +622,7 @@ class HookedFisher:
         plain = torch.cat(alone)
         # batched and one-sample kernels round differently: a tolerance of sqrt(eps) of the parameters' precision
         tol = torch.finfo(next(iter(params.values())).dtype).eps ** 0.5
-        scale = float(plain.abs().amax()) if plain.numel() else 0.0
+        scale = float(plain.abs().amax())
         if plain.shape != logits.shape or not torch.allclose(plain, logits.detach(), rtol=tol, atol=tol * scale):
             raise NotPerSample("the samples' logits in a batch with per-sample copies differ from their logits alone")
         copies = [*taps.values(), *(e.tensor for e in events if e.shared)]

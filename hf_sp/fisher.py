@@ -349,9 +349,9 @@ def estimate_fisher(
                         hooked_ok = hooked.verified  # until then, a later batch may still fall back
                         continue
                     except NotPerSample:
-                        if before is None and hooked.touched:
-                            raise
-                        if before is not None:
+                        if hooked.touched:  # else the Fisher is as it was before this batch
+                            if before is None:
+                                raise
                             fisher.update(before)
                         hooked, vectorize = None, resolve_vectorize("auto", device, hooks_supported=False)
                 if drawn:  # the hooks gave up after drawing: the same slots (labels are drawn once per batch)
