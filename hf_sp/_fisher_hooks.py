@@ -63,7 +63,7 @@ LAYER_BUDGET = 1 << 23
 PART_FLOATS = 1 << 18
 
 
-#: Whether the slots' backward passes are batched into one (``torch.autograd.grad(..., is_grads_batched=True)``).
+#: Whether the slots' backward passes are batched into one (:func:`torch.func.vmap` over ``torch.autograd.grad``).
 BATCHED_SLOTS = True
 
 
@@ -483,20 +483,22 @@ class HookedFisher:
     def _backward(self, start, wanted, grad, last: bool) -> list[torch.Tensor]:
         """``got[t][s]``: the gradient of ``wanted[t]`` for the cotangent ``grad[s]`` on ``start`` (``[S, ...]``
         each).
-        The slots go through one batched backward pass (``is_grads_batched``: every op runs once over all of them,
-        and its result is used as it comes) where every op of the graph supports it, else one pass each."""
+        The slots go through one backward pass batched by :func:`torch.func.vmap` (every op runs once over all of
+        them, and its result is used as it comes; ``is_grads_batched`` runs on the legacy vmap, which has no batching
+        rule for convolutions, norms or GELU and runs those once per slot) where the graph allows, else one pass
+        each."""
         num_slots = grad.shape[0]
         if self.batched_slots:
-            try:  # the graph is kept: a failed pass (out of memory too) falls back on it
-                grads = torch.autograd.grad(
-                    start, wanted, grad, retain_graph=True, allow_unused=True, is_grads_batched=True
+
+            def one(cotangent: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                return torch.autograd.grad(
+                    start, wanted, cotangent, retain_graph=True, allow_unused=True, materialize_grads=True
                 )
-            except RuntimeError:  # an op without a batching rule, or out of memory: one pass per slot from now on
+
+            try:  # the graph is kept: a failed pass (out of memory too) falls back on it
+                return list(vmap(one)(grad))
+            except RuntimeError:  # an op the batched pass cannot take, or out of memory: one pass per slot from now on
                 self.batched_slots = False
-            else:
-                return [
-                    t.new_zeros(num_slots, *t.shape) if g is None else g for g, t in zip(grads, wanted, strict=True)
-                ]
         # Each slot's gradients are copied into [S, ...] buffers as they come and freed: stacking them at the end
         # would hold every slot twice.
         buffers = [t.new_empty(num_slots, *t.shape) for t in wanted]

@@ -12,7 +12,9 @@ layer's per-sample parameter gradient is a small function of its input and that 
 * Linear / convolution (``l`` runs over the positions: tokens, output pixels; ``x`` is the input, unfolded for
   a convolution): ``G[s, b] = sum_l g[s, b, l] x[b, l]^T``. With few positions the squares are summed without
   forming ``G``: ``sum_s w G[o, i]^2 = sum_{l, l'} x[l, i] x[l', i] * sum_s w g[s, l, o] g[s, l', o]``, one
-  matrix product over ``(b, l <= l')`` pairs; otherwise ``G`` is formed in blocks, squared and summed.
+  matrix product over ``(b, l <= l')`` pairs; otherwise ``G`` is formed in blocks, squared and summed (on CPU, a
+  convolution's ``G`` comes from its own weight-gradient kernel, one sample at a time with its slots as output
+  channels: no unfolded input).
 * norms (BatchNorm in eval mode, LayerNorm, GroupNorm): ``G_weight = sum_l g[l] * x_hat[l]``,
   ``G_bias = sum_l g[l]`` with ``x_hat`` the normalized input.
 * embeddings: ``G[v] = sum_{l: id_l = v} g[l]`` (rows summed per sample before squaring).
@@ -78,8 +80,7 @@ def _outer_sq(x: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor
     if length == 1:
         a = torch.einsum("sbgo,sb->bgo", g[:, :, 0].square(), w)
         return torch.einsum("bgo,bgi->goi", a, x[:, 0].square())
-    pairs = length * (length + 1) // 2
-    if pairs <= num_slots * (length + _MATERIALIZE_PASSES):
+    if not _materialize(num_slots, length):
         return _outer_sq_pairs(x, g, w)
     # G[s, b] one slot at a time, in blocks of samples: [n, Gr, O, I], squared in place and summed with the weights.
     result = x.new_zeros(groups, out_f, in_f)
@@ -192,20 +193,68 @@ def _conv(m: nn.Conv1d | nn.Conv2d, inputs, grads, w):
     symmetric = all(before == after for before, after in padding)
     befores = [before for before, _ in padding] if symmetric else [0] * len(padding)
     pad = tuple(befores) if two_d else (0, befores[0])
-    xs = []
+    padded = []  # [B, C, H, W] (a Conv1d's with H = 1), padded here where the padding is uneven
     for i in inputs:
         if not symmetric:  # F.pad's order: the last dimension first
             i = F.pad(i, [n for before_after in reversed(padding) for n in before_after])
-        i = i if two_d else i.unsqueeze(2)
-        cols = F.unfold(i, pair(m.kernel_size), dilation=pair(m.dilation), padding=pad, stride=pair(m.stride))
-        xs.append(cols.transpose(1, 2).reshape(i.shape[0], cols.shape[-1], groups, -1))  # [B, L, Gr, I]
-    x = _cat_calls(xs, 1)
+        padded.append(i if two_d else i.unsqueeze(2))
     flat = _cat_calls([o.reshape(o.shape[0], o.shape[1], c_out, -1) for o in grads], -1)  # [S, B, C, L]
-    g = flat.view(*flat.shape[:2], groups, c_out // groups, -1).permute(0, 1, 4, 2, 3)  # [S, B, L, Gr, O]
-    out = {"weight": _outer_sq(x, g, w).reshape(m.weight.shape)}
+    if _materialize(flat.shape[0], flat.shape[-1]) and by_weight_kernel(flat):
+        outs = grads if two_d else [o.unsqueeze(3) for o in grads]  # [S, B, C, H', W']
+        weight = _conv_weight_sq(m, padded, outs, w, pair(m.kernel_size), pair(m.stride), pad, pair(m.dilation))
+    else:
+        xs = []
+        for i in padded:
+            cols = F.unfold(i, pair(m.kernel_size), dilation=pair(m.dilation), padding=pad, stride=pair(m.stride))
+            xs.append(cols.transpose(1, 2).reshape(i.shape[0], cols.shape[-1], groups, -1))  # [B, L, Gr, I]
+        g = flat.view(*flat.shape[:2], groups, c_out // groups, -1).permute(0, 1, 4, 2, 3)  # [S, B, L, Gr, O]
+        weight = _outer_sq(_cat_calls(xs, 1), g, w)
+    out = {"weight": weight.reshape(m.weight.shape)}
     if m.bias is not None:
         out["bias"] = _diag_sq(flat, w, dim=-1)
     return out
+
+
+def by_weight_kernel(g: torch.Tensor) -> bool:
+    """Whether a convolution's per-sample gradients are formed by its own weight-gradient kernel, one sample at a
+    time (:func:`_conv_weight_sq`): on CPU, where oneDNN's kernel needs no unfolded input and runs faster than the
+    products over it; elsewhere the batched products keep the kernel launches few."""
+    return g.device.type == "cpu"
+
+
+def _conv_weight_sq(m: nn.Conv1d | nn.Conv2d, inputs, grads, w, kernel, stride, padding, dilation) -> torch.Tensor:
+    """``sum_{s,b} w[s,b] * G[s,b]^2`` for a convolution (``inputs`` ``[B, C, H, W]``, ``grads``
+    ``[S, B, C_out, H', W']``, one of each per call), ``G[s,b]`` formed by the convolution's weight-gradient kernel:
+    one sample at a time, its slots as ``S x C_out`` output channels (``[Gr, S, O]`` in that order, for the groups),
+    scaled by ``sqrt(w[s,b])`` so that the squares need only be summed. The calls' gradients add up before the
+    square, as one sample's gradient does."""
+    groups, per_group = m.groups, m.out_channels // m.groups
+    num_slots, batch = w.shape
+    roots = w.sqrt().to(grads[0].dtype)
+    result = None
+    for b in range(batch):
+        total = None
+        for i, o in zip(inputs, grads, strict=True):
+            rows = _scratch("rows", (groups, num_slots, per_group, *o.shape[3:]), o)
+            slots = o[:, b].view(num_slots, groups, per_group, *o.shape[3:]).transpose(0, 1)
+            torch.mul(slots, roots[:, b].view(1, -1, 1, 1, 1), out=rows)
+            rows = rows.view(1, groups * num_slots * per_group, *o.shape[3:])
+            # only the weight's shape is read: a convolution's gradient by its weight does not depend on the weight
+            weight = _scratch("weight", (rows.shape[1], i.shape[1] // groups, *kernel), i)
+            part = torch.ops.aten.convolution_backward(
+                rows, i[b : b + 1], weight, None, stride, padding, dilation, False, [0, 0], groups, [False, True, False]
+            )[1]
+            total = part if total is None else total.add_(part)
+        squares = total.view(groups, num_slots, per_group, -1).square_().sum(1)
+        result = squares if result is None else result.add_(squares)
+    return result
+
+
+def _materialize(num_slots: int, length: int) -> bool:
+    """Whether per-sample gradients over ``length`` positions are formed (else their squares are summed by
+    position pairs): pairs cost ``length (length + 1) / 2`` products a sample, formed gradients ``num_slots`` x
+    (``length`` + the passes over them, :data:`_MATERIALIZE_PASSES`)."""
+    return length > 1 and length * (length + 1) // 2 > num_slots * (length + _MATERIALIZE_PASSES)
 
 
 def _affine(m: nn.Module, x_hat: torch.Tensor, g: torch.Tensor, w: torch.Tensor, dim: int) -> dict[str, torch.Tensor]:

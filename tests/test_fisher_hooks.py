@@ -186,6 +186,47 @@ def test_outer_square_sums_both_branches(monkeypatch, branch, length, block):
         torch.testing.assert_close(_per_sample._outer_sq(x, g, w), expected, rtol=1e-12, atol=1e-14)
 
 
+class Convolutions(nn.Module):
+    """Convolutions of every kind the rule takes: grouped, strided and dilated; padded unevenly (``"same"`` with an
+    even kernel); depthwise; one called twice (its calls' gradients add up before the square); a Conv1d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grouped = nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2)
+        self.same = nn.Conv2d(6, 6, 4, padding="same")
+        self.depthwise = nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=False)
+        self.twice = nn.Conv2d(6, 6, 1)
+        self.line = nn.Conv1d(6, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 16, K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.same(torch.tanh(self.grouped(x))))
+        h = self.twice(torch.tanh(self.twice(self.depthwise(h))))
+        return self.head(torch.tanh(self.line(h.flatten(2))).flatten(1))
+
+
+def _top_two(i: int, probs: torch.Tensor):
+    top_p, top_idx = probs.topk(2)
+    return list(zip(top_idx.tolist(), top_p / top_p.sum(), strict=True))
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["weight-kernel", "unfolded"])
+@pytest.mark.parametrize("branch", ["materialize", "pairs"])
+@pytest.mark.parametrize("top_k", [None, 2], ids=["exact", "weighted-top-2"])
+def test_convolutions_by_every_branch(monkeypatch, kernel, branch, top_k):
+    """The convolution rule by the convolution's own weight-gradient kernel per sample (the CPU default) and by
+    products over the unfolded input, with per-sample gradients formed and by position pairs; with the exact
+    Fisher's unweighted slots and with top_k's weighted ones."""
+    monkeypatch.setattr(_per_sample, "by_weight_kernel", lambda g: kernel)
+    monkeypatch.setattr(_per_sample, "_MATERIALIZE_PASSES", -(10**6) if branch == "materialize" else 10**6)
+    torch.manual_seed(0)
+    net = Convolutions().double()
+    assert all(u.rule is not None for u in HookedFisher(net, [n for n, _ in net.named_parameters()]).units)
+    x = torch.randn(5, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    fisher = estimate_fisher(net, [x[:3], x[3:]], top_k=top_k, vectorize="hooks", progress=False, dtype=torch.float64)
+    _assert_close(fisher, _reference_fisher(net, x, _top_two if top_k else _exact_slots))
+
+
 class _Triple(torch.autograd.Function):
     """``3 x`` with a backward that vmap cannot batch (a fresh tensor written in place)."""
 
