@@ -321,7 +321,7 @@ class HookedFisher:
             hooks = [
                 u.module.register_forward_hook(
                     lambda m, a, o: probe.append(
-                        sum(t[0].numel() for t in tree_flatten(o)[0] if isinstance(t, torch.Tensor))
+                        sum(t[0].numel() for t in tree_flatten(o)[0] if isinstance(t, torch.Tensor) and t.dim() > 0)
                     )
                 )
                 for u in self.units
@@ -439,6 +439,8 @@ class HookedFisher:
                 sizes = {t.shape[0] for t in (*saved, *out_leaves) if isinstance(t, torch.Tensor) and t.dim() > 0}
                 if sizes - {batch}:  # e.g. windows of the samples folded into the batch dimension (Swin)
                     raise NotPerSample(f"{u.prefix or 'the model'} sees a batch of {sorted(sizes)}, not {batch} samples")
+                if any(isinstance(t, torch.Tensor) and t.dim() == 0 and t.requires_grad for t in out_leaves):
+                    raise NotPerSample(f"{u.prefix or 'the model'} makes one scalar for all samples")
         if any(e.tensor._version != e.version for e in events):
             # the model kept a layer's or a stage's output and changed it in place: the clone that went on missed it
             raise NotPerSample("an output kept by the model was changed in place after the forward pass went on")
@@ -554,7 +556,7 @@ class HookedFisher:
         for s in range(slots):
             per_sample_sum: dict[str, torch.Tensor] = {}
             for saved, kwargs, outs, cots, idx in per_call:
-                batch = next(a.shape[0] for a in saved if isinstance(a, torch.Tensor))
+                batch = outs[0].shape[0]  # the inputs may all be keywords; the outputs are the samples' (_check_calls)
                 flat_args, spec = tree_flatten((saved, kwargs))
                 dims = [
                     0 if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch else None

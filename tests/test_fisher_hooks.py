@@ -631,8 +631,30 @@ class Windows(nn.Module):
         return self.head(torch.tanh(h).mean(1))
 
 
-def test_a_layer_that_sees_no_batch_of_samples_gives_the_model_to_torch_func():
-    _assert_hooks_match_the_loop(Windows, (3, 4, 6))
+class Temperature(nn.Module):
+    """A module called without inputs that makes one scalar for all samples (a learned temperature)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log_t = nn.Parameter(torch.tensor(0.3))
+
+    def forward(self) -> torch.Tensor:
+        return self.log_t.exp()
+
+
+class Tempered(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, K)
+        self.temperature = Temperature()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(torch.tanh(x).mean(1)) / self.temperature()
+
+
+@pytest.mark.parametrize("model", [Windows, Tempered])
+def test_a_layer_that_sees_no_batch_of_samples_gives_the_model_to_torch_func(model):
+    _assert_hooks_match_the_loop(model, (3, 4, 6))
 
 
 class SharedTable(nn.Module):
@@ -842,17 +864,27 @@ def test_a_layer_on_a_statistic_of_the_batch_is_not_taken_for_a_shared_one(monke
     assert errors and "alone" in errors[0]
 
 
+class KeywordScale(Scale):
+    def forward(self, *, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return hidden * self.gamma
+
+
 class Keywords(nn.Module):
-    """Layers called with their input as a keyword (``layer(input=x)``)."""
+    """Layers called with their input as a keyword (``layer(input=x)``), and modules without a rule (torch.func)
+    called with keyword tensors only."""
 
     def __init__(self) -> None:
         super().__init__()
         self.lin = nn.Linear(6, 6)
         self.norm = nn.LayerNorm(6)
+        self.attn = nn.MultiheadAttention(6, 2, batch_first=True)
+        self.scale = KeywordScale(4)
         self.head = nn.Linear(6, K)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(input=torch.tanh(self.norm(input=self.lin(input=x))).mean(1))
+        h = torch.tanh(self.norm(input=self.lin(input=x)))
+        h = self.attn(query=h, key=h, value=h, need_weights=False)[0]
+        return self.head(input=self.scale(hidden=h.transpose(1, 2)).mean(-1))
 
 
 def test_layers_called_with_their_input_as_a_keyword():
