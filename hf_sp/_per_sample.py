@@ -14,7 +14,7 @@ layer's per-sample parameter gradient is a small function of its input and that 
   forming ``G``: ``sum_s w G[o, i]^2 = sum_{l, l'} x[l, i] x[l', i] * sum_s w g[s, l, o] g[s, l', o]``, one
   matrix product over ``(b, l <= l')`` pairs; otherwise ``G`` is formed in blocks, squared and summed (on CPU, a
   convolution's ``G`` comes from its own weight-gradient kernel, one sample at a time with its slots as output
-  channels: no unfolded input).
+  channels).
 * norms (BatchNorm in eval mode, LayerNorm, GroupNorm): ``G_weight = sum_l g[l] * x_hat[l]``,
   ``G_bias = sum_l g[l]`` with ``x_hat`` the normalized input.
 * embeddings: ``G[v] = sum_{l: id_l = v} g[l]`` (rows summed per sample before squaring).
@@ -217,8 +217,9 @@ def _conv(m: nn.Conv1d | nn.Conv2d, inputs, grads, w):
 
 def by_weight_kernel(g: torch.Tensor) -> bool:
     """Whether a convolution's per-sample gradients are formed by its own weight-gradient kernel, one sample at a
-    time (:func:`_conv_weight_sq`): on CPU, where oneDNN's kernel needs no unfolded input and runs faster than the
-    products over it; elsewhere the batched products keep the kernel launches few."""
+    time (:func:`_conv_weight_sq`): on CPU, where that kernel (oneDNN's, or ATen's own, which unfolds one sample
+    at a time, for small inputs) ran faster than the products over the whole batch's unfolded input (resnet18's
+    Fisher, README); elsewhere the batched products keep the kernel launches few."""
     return g.device.type == "cpu"
 
 
