@@ -246,7 +246,8 @@ def _conv_weight_sq(m: nn.Conv1d | nn.Conv2d, inputs, grads, w, kernel, stride, 
                 rows, i[b : b + 1], weight, None, stride, padding, dilation, False, [0, 0], groups, [False, True, False]
             )[1]
             total = part if total is None else total.add_(part)
-        squares = total.view(groups, num_slots, per_group, -1).square_().sum(1)
+        # reshape: the kernel gives a channels-last gradient for a channels-last input
+        squares = total.reshape(groups, num_slots, per_group, -1).square_().sum(1)
         result = squares if result is None else result.add_(squares)
     return result
 

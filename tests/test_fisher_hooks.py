@@ -188,7 +188,9 @@ def test_outer_square_sums_both_branches(monkeypatch, branch, length, block):
 
 class Convolutions(nn.Module):
     """Convolutions of every kind the rule takes: grouped, strided and dilated; padded unevenly (``"same"`` with an
-    even kernel); depthwise; one called twice (its calls' gradients add up before the square); a Conv1d."""
+    even kernel); depthwise; one called twice (its calls' gradients add up before the square); a Conv1d on a
+    transposed ``[B, L, C]`` sequence (its input has channels-last strides, as has the whole model's in
+    ``channels_last``)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -202,7 +204,8 @@ class Convolutions(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(self.same(torch.tanh(self.grouped(x))))
         h = self.twice(torch.tanh(self.twice(self.depthwise(h))))
-        return self.head(torch.tanh(self.line(h.flatten(2))).flatten(1))
+        sequence = h.flatten(2).transpose(1, 2).contiguous()  # [B, L, C]
+        return self.head(torch.tanh(self.line(sequence.transpose(1, 2))).flatten(1))
 
 
 def _top_two(i: int, probs: torch.Tensor):
@@ -212,17 +215,22 @@ def _top_two(i: int, probs: torch.Tensor):
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["weight-kernel", "unfolded"])
 @pytest.mark.parametrize("branch", ["materialize", "pairs"])
-@pytest.mark.parametrize("top_k", [None, 2], ids=["exact", "weighted-top-2"])
-def test_convolutions_by_every_branch(monkeypatch, kernel, branch, top_k):
+@pytest.mark.parametrize(
+    ("top_k", "layout"),
+    [(None, torch.contiguous_format), (2, torch.contiguous_format), (None, torch.channels_last)],
+    ids=["exact", "weighted-top-2", "channels-last"],
+)
+def test_convolutions_by_every_branch(monkeypatch, kernel, branch, top_k, layout):
     """The convolution rule by the convolution's own weight-gradient kernel per sample (the CPU default) and by
     products over the unfolded input, with per-sample gradients formed and by position pairs; with the exact
-    Fisher's unweighted slots and with top_k's weighted ones."""
+    Fisher's unweighted slots, with top_k's weighted ones, and for a model and input in channels_last."""
     monkeypatch.setattr(_per_sample, "by_weight_kernel", lambda g: kernel)
     monkeypatch.setattr(_per_sample, "_MATERIALIZE_PASSES", -(10**6) if branch == "materialize" else 10**6)
     torch.manual_seed(0)
-    net = Convolutions().double()
+    net = Convolutions().double().to(memory_format=layout)
     assert all(u.rule is not None for u in HookedFisher(net, [n for n, _ in net.named_parameters()]).units)
     x = torch.randn(5, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x = x.contiguous(memory_format=layout)
     fisher = estimate_fisher(net, [x[:3], x[3:]], top_k=top_k, vectorize="hooks", progress=False, dtype=torch.float64)
     _assert_close(fisher, _reference_fisher(net, x, _top_two if top_k else _exact_slots))
 
