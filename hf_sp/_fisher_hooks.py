@@ -42,7 +42,7 @@ from torch import nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ._graph_cuts import cut_points
+from ._graph_cuts import cut_points, reachable
 from ._per_sample import RULES, rule_for, workspace
 
 #: Floats of all layers' output gradients (slots x samples x activations): 512 MiB of fp32, the most that one part
@@ -65,6 +65,11 @@ PART_FLOATS = 1 << 18
 
 #: Whether the slots' backward passes are batched into one (:func:`torch.func.vmap` over ``torch.autograd.grad``).
 BATCHED_SLOTS = True
+
+#: Backward nodes whose batching rule in :func:`torch.func.vmap` gives wrong gradients when only the cotangent is
+#: batched, as in the batched pass, without an error (``_cdist_backward``, torch 2.14): a graph that holds one gets
+#: one backward pass per slot.
+MISBATCHED = frozenset({"CdistBackward0"})
 
 
 class NotPerSample(RuntimeError):
@@ -367,6 +372,8 @@ class HookedFisher:
                 self._check(x[:2], params, constants, logits_of)
                 return self._add_chunk(x, slots_of, num_slots, slot_step, params, constants, logits_of, fisher)
             self._checked = True  # every unit saw the samples (_check_calls), and there are no copies to check
+        if self.batched_slots and logits.grad_fn is not None:
+            self.batched_slots = not any(n.name() in MISBATCHED for n in reachable(logits.grad_fn))
         passes = self._passes(logits, events, replaced, taps)
         self.touched = True
         targets_of = {id(u): self._targets(u) for u in self.units}

@@ -24,6 +24,17 @@ def _children(node: Node) -> list[Node]:
     return [n for n, _ in node.next_functions if n is not None]
 
 
+def reachable(root: Node) -> set[Node]:
+    """Every node of the graph below ``root`` (``root`` included)."""
+    seen, stack = {root}, [root]
+    while stack:
+        for child in _children(stack.pop()):
+            if child not in seen:
+                seen.add(child)
+                stack.append(child)
+    return seen
+
+
 def dominators(root: Node) -> dict[Node, Node]:
     """The immediate dominator of every node reachable from ``root`` (``root``'s is itself)."""
     order: list[Node] = []

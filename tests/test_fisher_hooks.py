@@ -267,6 +267,28 @@ def test_a_graph_that_cannot_be_batched_over_the_slots_gets_one_backward_per_slo
     _assert_close({n: f / x.shape[0] for n, f in fisher.items()}, ref)
 
 
+class Prototypes(nn.Module):
+    """Logits = minus the distances to learned prototypes (``torch.cdist``): vmap's batching rule for its backward is
+    wrong when only the cotangent is batched."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 3)
+        self.centers = nn.Parameter(torch.randn(K, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return -torch.cdist(torch.tanh(self.embed(x)), self.centers)
+
+
+def test_a_graph_that_vmap_batches_wrongly_gets_one_backward_per_slot():
+    net, x = _net_and_inputs(Prototypes, 5)
+    engine, params, fisher = _engine(net)
+    _add_exact(engine, net, x, params, fisher)
+    assert not engine.batched_slots
+    ref = _reference_fisher(net, x, _exact_slots)
+    _assert_close({n: f / x.shape[0] for n, f in fisher.items()}, ref)
+
+
 def _net_and_inputs(model: type[nn.Module], n: int) -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     return model().double().eval(), torch.randn(n, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
