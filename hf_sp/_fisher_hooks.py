@@ -42,7 +42,7 @@ from torch import nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ._graph_cuts import cut_points, reachable
+from ._graph_cuts import cut_points, made_between, reachable
 from ._per_sample import RULES, rule_for, workspace
 
 #: Floats of all layers' output gradients (slots x samples x activations): 512 MiB of fp32, the most that one part
@@ -161,6 +161,9 @@ class HookedFisher:
         stages."""
         self.units: list[_Unit] = []
         self.replicas: list[str] = []
+        #: the autograd nodes that each unit's calls made (by id of the unit), gathered in the next forward pass to
+        #: check that the units' parameters are used inside their calls only (:meth:`_check_parameter_uses`)
+        self._made: dict[int, set] | None = {}
         self._walk(self.model, "", copies)
         self.stages = self._stages(self.model)
 
@@ -189,7 +192,7 @@ class HookedFisher:
 
         direct = [(n, p) for n, p in _direct(module) if full(n) in self.selected]
         rule = rule_for(module) if type(module) in RULES else None
-        if rule is not None:
+        if rule is not None and {n for n, _ in _direct(module)} <= {"weight", "bias"}:  # else reparametrized (weight_g)
             if direct:
                 self.units.append(_Unit(prefix, module, {n: full(n) for n, _ in direct}, rule))
             return
@@ -228,6 +231,11 @@ class HookedFisher:
         sum. Its inputs and outputs are expanded to one copy per sample first (the output is then broadcast as it
         was), and each copy's gradient is that sample's. :meth:`_check` verifies that the copies stay apart."""
         leaves, spec = tree_flatten(output)
+        if self._made is not None:
+            given = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+            self._made.setdefault(id(unit), set()).update(
+                made_between([t.grad_fn for t in leaves if isinstance(t, torch.Tensor)], [t.grad_fn for t in given])
+            )
         if unit.rule is not None and not args and "input" in kwargs:  # layer(input=x): the rules read args[0]
             kwargs = dict(kwargs)
             args = (kwargs.pop("input"),)
@@ -434,7 +442,25 @@ class HookedFisher:
             for h in handles:
                 h.remove()
         self._check_calls(batch, events)
+        if self._made is not None:
+            made, self._made = self._made, None
+            self._check_parameter_uses(logits, leaves, made)
         return logits, events, replaced, taps
+
+    def _check_parameter_uses(self, logits, leaves: dict[str, torch.Tensor], made: dict[int, set]) -> None:
+        """Raise :class:`NotPerSample` if a unit's parameter is used by an op outside the unit's calls (a weight tied by
+        ``h @ emb.weight.T``, ``F.linear(x, head.weight)``, a parametrization): the hooks see only the calls."""
+        owner = {id(leaves[full]): (u, full) for u in self.units for full in u.names.values()}
+        if logits.grad_fn is None:
+            return
+        for node in reachable(logits.grad_fn):
+            for child, _ in node.next_functions:
+                variable = getattr(child, "variable", None)
+                if variable is None or id(variable) not in owner:
+                    continue
+                unit, name = owner[id(variable)]
+                if node not in made.get(id(unit), ()):
+                    raise NotPerSample(f"{name} is used outside the forward pass of {unit.prefix or 'the model'}")
 
     def _check_calls(self, batch: int, events: list[_Event]) -> None:
         """Raise :class:`NotPerSample` if a unit's saved input was changed in place, a unit saw other than ``batch``

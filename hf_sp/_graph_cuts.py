@@ -35,6 +35,21 @@ def reachable(root: Node) -> set[Node]:
     return seen
 
 
+def made_between(tops: Sequence[Node | None], bottoms: Sequence[Node | None]) -> set[Node]:
+    """The nodes below ``tops`` (included) down to ``bottoms`` (excluded): those that a call made between its inputs
+    (``bottoms``) and its outputs (``tops``)."""
+    stop = {n for n in bottoms if n is not None}
+    seen: set[Node] = set()
+    stack = [n for n in tops if n is not None and n not in stop]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.extend(c for c in _children(node) if c not in stop and c not in seen)
+    return seen
+
+
 def dominators(root: Node) -> dict[Node, Node]:
     """The immediate dominator of every node reachable from ``root`` (``root``'s is itself)."""
     order: list[Node] = []

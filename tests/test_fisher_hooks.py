@@ -3,6 +3,8 @@ parameters and the torch.func fallback, against the per-sample loop in float64."
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -684,6 +686,52 @@ class Tempered(nn.Module):
 
 @pytest.mark.parametrize("model", [Windows, Tempered])
 def test_a_layer_that_sees_no_batch_of_samples_gives_the_model_to_torch_func(model):
+    _assert_hooks_match_the_loop(model, (3, 4, 6))
+
+
+class TiedOutput(nn.Module):
+    """Logits by similarity to the rows of an Embedding that also embeds the input (``h @ emb.weight.T``): the weight
+    is used outside the Embedding's forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(K, 6)
+        self.lin = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = (x[..., 0].abs() * 10).long() % K  # [B, L]
+        return torch.tanh(self.lin(self.emb(ids).mean(1))) @ self.emb.weight.T
+
+
+class FunctionalHead(nn.Module):
+    """A Linear's weight used by ``F.linear`` in the parent: the Linear itself is never called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+        self.head = nn.Linear(6, K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(torch.tanh(self.lin(x)).mean(1), self.head.weight, self.head.bias)
+
+
+class OldWeightNorm(nn.Module):
+    """A Linear under ``torch.nn.utils.weight_norm``: its parameters are ``weight_g`` and ``weight_v``, which the rule for
+    ``weight`` does not give (the module goes to torch.func)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # deprecated for torch.nn.utils.parametrizations
+            self.lin = nn.utils.weight_norm(nn.Linear(6, 6))
+        self.head = nn.Linear(6, K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.lin(x)).mean(1))
+
+
+@pytest.mark.parametrize("model", [TiedOutput, FunctionalHead, OldWeightNorm])
+def test_parameters_used_outside_their_layers_call_get_their_whole_fisher(model):
     _assert_hooks_match_the_loop(model, (3, 4, 6))
 
 
