@@ -130,6 +130,14 @@ class _Event(NamedTuple):
     shared: bool = False
 
 
+def _per_sample_arg(a: Any, batch: int, fixed: set) -> bool:
+    """Whether ``a``, an argument of a call, holds one row per sample: a tensor of ``batch`` rows that is not one of
+    the model's parameters or buffers (a buffer of ``batch`` rows passed as an argument is the same for all)."""
+    return (
+        isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch and (a.data_ptr(), a.shape) not in fixed
+    )
+
+
 class _Unit:
     def __init__(self, prefix: str, module: nn.Module, names: dict[str, str], rule: Callable | None) -> None:
         self.prefix, self.module, self.rule = prefix, module, rule
@@ -577,6 +585,7 @@ class HookedFisher:
             }
         )
         slots = w.shape[0]
+        fixed = {(t.data_ptr(), t.shape) for t in (*params.values(), *constants.values())}  # the model's own tensors
         totals = {loc: None for loc in local}
         per_call = []
         for saved, kwargs, out_leaves, _ in u.calls:
@@ -591,10 +600,7 @@ class HookedFisher:
             for saved, kwargs, outs, cots, idx in per_call:
                 batch = outs[0].shape[0]  # the inputs may all be keywords; the outputs are the samples' (_check_calls)
                 flat_args, spec = tree_flatten((saved, kwargs))
-                dims = [
-                    0 if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch else None
-                    for a in flat_args
-                ]
+                dims = [0 if _per_sample_arg(a, batch, fixed) else None for a in flat_args]
 
                 def one(p, *flat, _spec=spec, _module=u.module, _idx=idx, _dims=dims):
                     args, kw = tree_unflatten(

@@ -730,6 +730,33 @@ class OldWeightNorm(nn.Module):
         return self.head(torch.tanh(self.lin(x)).mean(1))
 
 
+class ScaledBy(Scale):
+    def forward(self, x: torch.Tensor, by: torch.Tensor, *, also: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x * self.gamma * by * also
+
+
+class BufferArguments(nn.Module):
+    """A module without a rule given buffers of 6 rows, positionally and by keyword: with 6 samples, rows of the
+    batch by their shape, but the same for every sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+        self.scaled = ScaledBy(6)
+        self.head = nn.Linear(6, K)
+        self.register_buffer("by", torch.linspace(0.5, 2.0, 6))
+        self.register_buffer("also", torch.linspace(2.0, 1.0, 6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.lin(x))
+        return self.head(torch.tanh(self.scaled(h, self.by, also=self.also)))
+
+
+@pytest.mark.parametrize("batch", [5, 6])
+def test_buffers_passed_to_a_module_are_not_taken_for_rows_of_samples(batch):
+    _assert_hooks_match_the_loop(BufferArguments, (batch, 6))
+
+
 @pytest.mark.parametrize("model", [TiedOutput, FunctionalHead, OldWeightNorm])
 def test_parameters_used_outside_their_layers_call_get_their_whole_fisher(model):
     _assert_hooks_match_the_loop(model, (3, 4, 6))
