@@ -57,7 +57,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from ._eval_batch_norm import EvalBatchNorm
-from ._fisher_hooks import HookedFisher, NotPerSample
+from ._fisher_hooks import MISBATCHED, HookedFisher, NotPerSample
+from ._graph_cuts import reachable
 
 #: How :func:`estimate_fisher` vectorizes the per-sample, per-class gradients.
 VECTORIZE = ("auto", "hooks", "samples", "classes")
@@ -182,6 +183,15 @@ def resolve_vectorize(vectorize: str, device: torch.device, hooks_supported: boo
     return vectorize
 
 
+def _holds_misbatched(model: nn.Module, params: dict[str, torch.Tensor], constants: dict[str, torch.Tensor], x) -> bool:
+    """Whether the autograd graph of ``model`` on ``x`` holds an op whose vmap batching rule is wrong when only the
+    cotangent is batched (:data:`hf_sp._fisher_hooks.MISBATCHED`), as in ``vectorize="classes"``."""
+    leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+    with torch.enable_grad():
+        logits = _logits(functional_call(model, (leaves, constants), (x,)))
+    return logits.grad_fn is not None and any(n.name() in MISBATCHED for n in reachable(logits.grad_fn))
+
+
 def estimate_fisher(
     model: nn.Module,
     dataloader: Iterable,
@@ -293,13 +303,21 @@ def estimate_fisher(
 
     batched = vmap(per_sample, in_dims=(0, 0, 0), chunk_size=chunk_size)
 
+    misbatched: list[bool] = []  # whether the model's graph holds an op that vmap batches wrongly, once known
+
     def over_classes(x: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> None:
         """Add ``sum_i sum_s weights[i, s] * (d log f_{labels[i, s]}(x_i) / dw)^2`` to ``fisher``: one forward
-        pass per sample, its class slots vectorized by vmap."""
+        pass per sample, its class slots vectorized by vmap (one VJP each in a graph with a MISBATCHED op)."""
+        if not misbatched:
+            misbatched.append(_holds_misbatched(model, params, constants, x[:1]))
         for i in range(x.shape[0]):
             logp, vjp_fn = vjp(partial(log_probs, x=x[i]), params)
             cotangents = torch.nn.functional.one_hot(labels[i], logp.shape[-1]).to(logp.dtype)  # [S, K]
-            (grads,) = vmap(vjp_fn, chunk_size=chunk_size)(cotangents)
+            if misbatched[0]:
+                each = [vjp_fn(c)[0] for c in cotangents]
+                grads = {n: torch.stack([g[n] for g in each]) for n in each[0]}
+            else:
+                (grads,) = vmap(vjp_fn, chunk_size=chunk_size)(cotangents)
             for n, g in grads.items():
                 # not in place: gradients of different parameters may share memory (e.g. slices of one tensor)
                 squares = g.to(acc_dtypes[n]).reshape(g.shape[0], -1).square()

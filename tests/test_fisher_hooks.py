@@ -291,6 +291,14 @@ def test_a_graph_that_vmap_batches_wrongly_gets_one_backward_per_slot():
     _assert_close({n: f / x.shape[0] for n, f in fisher.items()}, ref)
 
 
+@pytest.mark.parametrize("vectorize", ["hooks", "classes", "samples"])
+def test_every_path_gives_the_fisher_of_a_graph_that_vmap_batches_wrongly(vectorize):
+    """``"classes"`` vmaps the cotangents of one sample's VJP too: with ``torch.cdist`` it takes one VJP per class."""
+    net, x = _net_and_inputs(Prototypes, 5)
+    fisher = estimate_fisher(net, [x[:3], x[3:]], vectorize=vectorize, progress=False, dtype=torch.float64)
+    _assert_close(fisher, _reference_fisher(net, x, _exact_slots))
+
+
 def _net_and_inputs(model: type[nn.Module], n: int) -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     return model().double().eval(), torch.randn(n, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
