@@ -130,12 +130,18 @@ class _Event(NamedTuple):
     shared: bool = False
 
 
-def _per_sample_arg(a: Any, batch: int, fixed: set) -> bool:
+def _storages(tensors) -> set[int]:
+    """The storages (by address) of ``tensors``: the model's parameters and buffers, to tell its own tensors."""
+    return {t.untyped_storage().data_ptr() for t in tensors if t.numel()}
+
+
+def _per_sample_arg(a: Any, batch: int, fixed: set[int]) -> bool:
     """Whether ``a``, an argument of a call, holds one row per sample: a tensor of ``batch`` rows that is not one of
-    the model's parameters or buffers (a buffer of ``batch`` rows passed as an argument is the same for all)."""
-    return (
-        isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch and (a.data_ptr(), a.shape) not in fixed
-    )
+    the model's parameters or buffers or a slice of one (``fixed``: their storages; a table of ``batch`` rows passed
+    as an argument is the same for all samples), unless it is expanded over the batch (the same row for each)."""
+    if not (isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch):
+        return False
+    return a.stride(0) == 0 or a.numel() == 0 or a.untyped_storage().data_ptr() not in fixed
 
 
 class _Unit:
@@ -449,7 +455,7 @@ class HookedFisher:
             self._batch = 0
             for h in handles:
                 h.remove()
-        self._check_calls(batch, events)
+        self._check_calls(batch, events, _storages((*leaves.values(), *constants.values())))
         if self._made is not None:
             made, self._made = self._made, None
             self._check_parameter_uses(logits, leaves, made)
@@ -470,11 +476,13 @@ class HookedFisher:
                 if node not in made.get(id(unit), ()):
                     raise NotPerSample(f"{name} is used outside the forward pass of {unit.prefix or 'the model'}")
 
-    def _check_calls(self, batch: int, events: list[_Event]) -> None:
+    def _check_calls(self, batch: int, events: list[_Event], fixed: set[int]) -> None:
         """Raise :class:`NotPerSample` if a unit's saved input was changed in place, a unit saw other than ``batch``
-        samples or a hooked output was changed in place after the forward pass went on."""
+        samples, made rows of the batch from none of the samples' (only from the model's own tensors, ``fixed``:
+        a table whose length equals the batch) or a hooked output was changed in place after the forward pass went
+        on."""
         for u in self.units:
-            for saved, _, out_leaves, versions in u.calls:
+            for saved, kwargs, out_leaves, versions in u.calls:
                 if [a._version for a in saved if isinstance(a, torch.Tensor)] != versions:
                     raise NotPerSample(f"the input of {u.prefix or 'the model'} was changed in place")
                 sizes = {t.shape[0] for t in (*saved, *out_leaves) if isinstance(t, torch.Tensor) and t.dim() > 0}
@@ -482,6 +490,9 @@ class HookedFisher:
                     raise NotPerSample(f"{u.prefix or 'the model'} sees a batch of {sorted(sizes)}, not {batch} samples")
                 if any(isinstance(t, torch.Tensor) and t.dim() == 0 and t.requires_grad for t in out_leaves):
                     raise NotPerSample(f"{u.prefix or 'the model'} makes one scalar for all samples")
+                rows = batch > 1 and any(isinstance(t, torch.Tensor) and t.dim() > 0 and t.requires_grad for t in out_leaves)
+                if rows and not any(_per_sample_arg(a, batch, fixed) for a in tree_flatten((saved, kwargs))[0]):
+                    raise NotPerSample(f"{u.prefix or 'the model'} makes rows of the batch from none of the samples'")
         if any(e.tensor._version != e.version for e in events):
             # the model kept a layer's or a stage's output and changed it in place: the clone that went on missed it
             raise NotPerSample("an output kept by the model was changed in place after the forward pass went on")
@@ -585,7 +596,7 @@ class HookedFisher:
             }
         )
         slots = w.shape[0]
-        fixed = {(t.data_ptr(), t.shape) for t in (*params.values(), *constants.values())}  # the model's own tensors
+        fixed = _storages((*params.values(), *constants.values()))
         totals = {loc: None for loc in local}
         per_call = []
         for saved, kwargs, out_leaves, _ in u.calls:
