@@ -144,6 +144,19 @@ def _per_sample_arg(a: Any, batch: int, fixed: set[int]) -> bool:
     return a.stride(0) == 0 or a.numel() == 0 or a.untyped_storage().data_ptr() not in fixed
 
 
+def _untracked_rows(a: Any, batch: int) -> bool:
+    """Whether ``a`` is a float tensor of ``batch`` rows that does not require a gradient while the samples do (a
+    table computed from the model's buffers, as a rotary embedding is, or a result made under ``no_grad``)."""
+    return (
+        isinstance(a, torch.Tensor)
+        and a.is_floating_point()
+        and not a.requires_grad
+        and a.dim() > 0
+        and a.shape[0] == batch
+        and a.stride(0) != 0
+    )
+
+
 class _Unit:
     def __init__(self, prefix: str, module: nn.Module, names: dict[str, str], rule: Callable | None) -> None:
         self.prefix, self.module, self.rule = prefix, module, rule
@@ -167,6 +180,8 @@ class HookedFisher:
         self._sizes: dict[tuple, tuple[int, int, int]] = {}  # one sample's output gradients: all, largest; classes
         self._batch = 0  # the samples of the forward pass under way
         self._expanded = False  # whether it expanded a shared output (see _hook)
+        self._untracked = False  # whether the samples of the forward pass under way require a gradient (see _hook)
+        self._fixed: set[int] = set()  # the storages of the model's parameters and buffers in that forward pass
         self.touched = False  # whether the batch under way added to the Fisher
         self._build(copies=True)
 
@@ -245,6 +260,11 @@ class HookedFisher:
         sum. Its inputs and outputs are expanded to one copy per sample first (the output is then broadcast as it
         was), and each copy's gradient is that sample's. :meth:`_check` verifies that the copies stay apart."""
         leaves, spec = tree_flatten(output)
+        if self._untracked and self._batch > 1:
+            for a in tree_flatten((args, kwargs))[0]:
+                if _untracked_rows(a, self._batch) and a.untyped_storage().data_ptr() not in self._fixed:
+                    raise NotPerSample(f"{unit.prefix or 'the model'} gets a table of {self._batch} rows that no sample's "
+                                       "gradient reaches: rows of samples or not, the hooks cannot tell")
         if self._made is not None:
             given = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
             self._made.setdefault(id(unit), set()).update(
@@ -442,6 +462,8 @@ class HookedFisher:
         for u in self.units:
             u.calls.clear()
         self._batch, self._expanded = batch, False
+        self._untracked = x.is_floating_point()  # a float tensor without a gradient then comes from no sample's
+        self._fixed = _storages((*leaves.values(), *constants.values()))  # the model's own tensors
         try:
             with torch.enable_grad():
                 inp = x.detach().requires_grad_(True) if x.is_floating_point() else x
@@ -455,7 +477,7 @@ class HookedFisher:
             self._batch = 0
             for h in handles:
                 h.remove()
-        self._check_calls(batch, events, _storages((*leaves.values(), *constants.values())))
+        self._check_calls(batch, events, self._fixed)
         if self._made is not None:
             made, self._made = self._made, None
             self._check_parameter_uses(logits, leaves, made)

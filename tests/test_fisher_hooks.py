@@ -761,12 +761,13 @@ class BufferArguments(nn.Module):
 
 
 class TableOnly(nn.Module):
-    """A module without a rule called on a table of the model only (a buffer, or a slice of a longer one) whose rows
-    are positions: one output for all samples, of 4 rows, as many as a batch of 4."""
+    """A module without a rule called on a table of the model only (a buffer, a slice of a longer one, or computed
+    from one, as a rotary embedding is) whose rows are positions: one output for all samples, of 4 rows, as many as
+    a batch of 4."""
 
-    def __init__(self, sliced: bool = False) -> None:
+    def __init__(self, table: str = "buffer") -> None:
         super().__init__()
-        self.sliced = sliced
+        self.kind = table
         self.lin = nn.Linear(6, 6)
         self.pos = Scale(4)
         self.head = nn.Linear(6, K)
@@ -774,7 +775,7 @@ class TableOnly(nn.Module):
         self.register_buffer("longer", torch.linspace(0.5, 2.0, 10 * 6).view(10, 6))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, 4, 6]
-        table = self.longer[: x.shape[1]] if self.sliced else self.table  # [4, 6]
+        table = {"buffer": self.table, "slice": self.longer[: x.shape[1]], "computed": self.table.cos()}[self.kind]
         return self.head(torch.tanh(self.lin(x) + self.pos(table)).mean(1))
 
 
@@ -783,11 +784,11 @@ def test_buffers_passed_to_a_module_are_not_taken_for_rows_of_samples(batch):
     _assert_hooks_match_the_loop(BufferArguments, (batch, 6))
 
 
-@pytest.mark.parametrize("sliced", [False, True], ids=["buffer", "slice"])
+@pytest.mark.parametrize("table", ["buffer", "slice", "computed"])
 @pytest.mark.parametrize("batch", [3, 4])
-def test_a_module_on_a_table_of_the_model_only_is_not_per_sample(sliced, batch):
+def test_a_module_on_a_table_of_the_model_only_is_not_per_sample(table, batch):
     torch.manual_seed(0)
-    net = TableOnly(sliced).double()
+    net = TableOnly(table).double()
     x = torch.randn(batch, 4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     fisher = estimate_fisher(net, [x], vectorize="hooks", progress=False, dtype=torch.float64)
     _assert_close(fisher, _reference_fisher(net, x, _exact_slots))
