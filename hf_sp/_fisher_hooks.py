@@ -190,9 +190,10 @@ class HookedFisher:
         stages."""
         self.units: list[_Unit] = []
         self.replicas: list[str] = []
-        #: the autograd nodes that each unit's calls made (by id of the unit), gathered in the next forward pass to
-        #: check that the units' parameters are used inside their calls only (:meth:`_check_parameter_uses`)
-        self._made: dict[int, set] | None = {}
+        #: the autograd nodes that each unit's calls made (by id of the unit), gathered in every forward pass to
+        #: check that the units' parameters are used inside their calls only (:meth:`_check_parameter_uses`; a model
+        #: may take another branch on another batch)
+        self._made: dict[int, set] = {}
         self._walk(self.model, "", copies)
         self.stages = self._stages(self.model)
 
@@ -265,11 +266,10 @@ class HookedFisher:
                 if _untracked_rows(a, self._batch) and a.untyped_storage().data_ptr() not in self._fixed:
                     raise NotPerSample(f"{unit.prefix or 'the model'} gets a table of {self._batch} rows that no sample's "
                                        "gradient reaches: rows of samples or not, the hooks cannot tell")
-        if self._made is not None:
-            given = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-            self._made.setdefault(id(unit), set()).update(
-                made_between([t.grad_fn for t in leaves if isinstance(t, torch.Tensor)], [t.grad_fn for t in given])
-            )
+        given = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        self._made.setdefault(id(unit), set()).update(
+            made_between([t.grad_fn for t in leaves if isinstance(t, torch.Tensor)], [t.grad_fn for t in given])
+        )
         if unit.rule is not None and not args and "input" in kwargs:  # layer(input=x): the rules read args[0]
             kwargs = dict(kwargs)
             args = (kwargs.pop("input"),)
@@ -461,7 +461,7 @@ class HookedFisher:
             handles += [m.register_forward_hook(partial(self._stage_hook, events), with_kwargs=True) for m in self.stages]
         for u in self.units:
             u.calls.clear()
-        self._batch, self._expanded = batch, False
+        self._batch, self._expanded, self._made = batch, False, {}
         self._untracked = x.is_floating_point()  # a float tensor without a gradient then comes from no sample's
         self._fixed = _storages((*leaves.values(), *constants.values()))  # the model's own tensors
         try:
@@ -478,9 +478,8 @@ class HookedFisher:
             for h in handles:
                 h.remove()
         self._check_calls(batch, events, self._fixed)
-        if self._made is not None:
-            made, self._made = self._made, None
-            self._check_parameter_uses(logits, leaves, made)
+        made, self._made = self._made, {}
+        self._check_parameter_uses(logits, leaves, made)
         return logits, events, replaced, taps
 
     def _check_parameter_uses(self, logits, leaves: dict[str, torch.Tensor], made: dict[int, set]) -> None:

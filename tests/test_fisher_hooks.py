@@ -799,6 +799,25 @@ def test_parameters_used_outside_their_layers_call_get_their_whole_fisher(model)
     _assert_hooks_match_the_loop(model, (3, 4, 6))
 
 
+class BranchingHead(FunctionalHead):
+    """The head called as a layer on sequences of 4, its weight used by ``F.linear`` on longer ones."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 4:
+            return self.head(torch.tanh(self.lin(x)).mean(1))
+        return super().forward(x)
+
+
+def test_a_parameter_used_outside_its_layer_on_a_later_batch_only():
+    torch.manual_seed(0)
+    net = BranchingHead().double()
+    g = torch.Generator().manual_seed(1)
+    first, later = torch.randn(3, 4, 6, dtype=torch.float64, generator=g), torch.randn(2, 5, 6, dtype=torch.float64, generator=g)
+    fisher = estimate_fisher(net, [first, later], vectorize="hooks", progress=False, dtype=torch.float64)
+    refs = [_reference_fisher(net, x, _exact_slots) for x in (first, later)]
+    _assert_close(fisher, {n: (3 * refs[0][n] + 2 * refs[1][n]) / 5 for n in refs[0]})
+
+
 class SharedTable(nn.Module):
     """A position table looked up with ids of shape ``[1, L]``, normalized and broadcast over the samples (BERT's and
     SigLIP's position embeddings): the lookup and the norm make one output for all samples."""
