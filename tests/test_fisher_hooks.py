@@ -794,9 +794,27 @@ def test_a_module_on_a_table_of_the_model_only_is_not_per_sample(table, batch):
     _assert_close(fisher, _reference_fisher(net, x, _exact_slots))
 
 
+class Orthogonal(nn.Module):
+    """A bias-free Linear under ``torch.nn.utils.parametrizations.orthogonal``: its parameter lives in a module that is
+    never called, and the weight it makes has as many rows as a batch of 6."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.utils.parametrizations.orthogonal(nn.Linear(6, 6, bias=False))
+        self.head = nn.Linear(6, K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.lin(x)).mean(1))
+
+
 @pytest.mark.parametrize("model", [TiedOutput, FunctionalHead, OldWeightNorm])
 def test_parameters_used_outside_their_layers_call_get_their_whole_fisher(model):
     _assert_hooks_match_the_loop(model, (3, 4, 6))
+
+
+@pytest.mark.parametrize("batch", [3, 6])
+def test_a_parametrized_layer_gets_its_fisher(batch):
+    _assert_hooks_match_the_loop(Orthogonal, (batch, 4, 6))
 
 
 class BranchingHead(FunctionalHead):
