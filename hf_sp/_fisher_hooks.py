@@ -71,6 +71,28 @@ BATCHED_SLOTS = True
 #: one backward pass per slot.
 MISBATCHED = frozenset({"CdistBackward0"})
 
+#: The backward node of reentrant activation checkpointing (``torch.utils.checkpoint(..., use_reentrant=True)``): it
+#: runs its part of the forward pass again inside the backward pass, where no hook sees it, and torch.func cannot
+#: differentiate it, so no path of the Fisher can take it per sample.
+REENTRANT = "CheckpointFunctionBackward"
+
+
+class Unsupported(ValueError):
+    """A model that no path of the Fisher can take per sample."""
+
+
+def graph_ops(root: Any) -> set[str]:
+    """The names of the backward nodes below ``root``; :class:`Unsupported` for reentrant checkpointing."""
+    names = {n.name() for n in reachable(root)}
+    if REENTRANT in names:
+        raise Unsupported(
+            "estimate_fisher: the model uses reentrant activation checkpointing (torch.utils.checkpoint with "
+            "use_reentrant=True), whose recomputed forward pass no per-sample path can differentiate. Turn it off "
+            "for the estimate (timm: model.set_grad_checkpointing(False); transformers: "
+            "model.gradient_checkpointing_disable()) or checkpoint with use_reentrant=False."
+        )
+    return names
+
 
 class NotPerSample(RuntimeError):
     """The model's samples interact, or a hooked tensor was changed in place: use the torch.func path."""
@@ -415,7 +437,7 @@ class HookedFisher:
                 return self._add_chunk(x, slots_of, num_slots, slot_step, params, constants, logits_of, fisher)
             self._checked = True  # every unit saw the samples (_check_calls), and there are no copies to check
         if self.batched_slots and logits.grad_fn is not None:
-            self.batched_slots = not any(n.name() in MISBATCHED for n in reachable(logits.grad_fn))
+            self.batched_slots = not graph_ops(logits.grad_fn) & MISBATCHED
         passes = self._passes(logits, events, replaced, taps)
         self.touched = True
         targets_of = {id(u): self._targets(u) for u in self.units}
@@ -478,6 +500,8 @@ class HookedFisher:
             for h in handles:
                 h.remove()
         self._check_calls(batch, events, self._fixed)
+        if logits.grad_fn is not None:
+            graph_ops(logits.grad_fn)
         made, self._made = self._made, {}
         self._check_parameter_uses(logits, leaves, made)
         return logits, events, replaced, taps
@@ -675,6 +699,8 @@ class HookedFisher:
             return
         try:
             self._check_copies(x, params, constants, logits_of)
+        except Unsupported:
+            raise
         except Exception as error:  # NotPerSample, or the copies broke the forward pass
             if self.replicas:
                 self._build(copies=False)

@@ -57,8 +57,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from ._eval_batch_norm import EvalBatchNorm
-from ._fisher_hooks import MISBATCHED, HookedFisher, NotPerSample
-from ._graph_cuts import reachable
+from ._fisher_hooks import MISBATCHED, HookedFisher, NotPerSample, graph_ops
 
 #: How :func:`estimate_fisher` vectorizes the per-sample, per-class gradients.
 VECTORIZE = ("auto", "hooks", "samples", "classes")
@@ -183,13 +182,14 @@ def resolve_vectorize(vectorize: str, device: torch.device, hooks_supported: boo
     return vectorize
 
 
-def _holds_misbatched(model: nn.Module, params: dict[str, torch.Tensor], constants: dict[str, torch.Tensor], x) -> bool:
-    """Whether the autograd graph of ``model`` on ``x`` holds an op whose vmap batching rule is wrong when only the
-    cotangent is batched (:data:`hf_sp._fisher_hooks.MISBATCHED`), as in ``vectorize="classes"``."""
+def _graph_ops(model: nn.Module, params: dict[str, torch.Tensor], constants: dict[str, torch.Tensor], x) -> set[str]:
+    """The backward nodes of ``model``'s graph on ``x`` (:func:`hf_sp._fisher_hooks.graph_ops`: refuses reentrant
+    checkpointing), for the torch.func paths, before their first batch."""
     leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+    x = x.detach().requires_grad_(True) if x.is_floating_point() else x  # reentrant checkpoints need such an input
     with torch.enable_grad():
         logits = _logits(functional_call(model, (leaves, constants), (x,)))
-    return logits.grad_fn is not None and any(n.name() in MISBATCHED for n in reachable(logits.grad_fn))
+    return set() if logits.grad_fn is None else graph_ops(logits.grad_fn)
 
 
 def estimate_fisher(
@@ -303,17 +303,17 @@ def estimate_fisher(
 
     batched = vmap(per_sample, in_dims=(0, 0, 0), chunk_size=chunk_size)
 
-    misbatched: list[bool] = []  # whether the model's graph holds an op that vmap batches wrongly, once known
+    ops: list[set[str]] = []  # the backward nodes of the model's graph, once known (_graph_ops)
 
     def over_classes(x: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> None:
         """Add ``sum_i sum_s weights[i, s] * (d log f_{labels[i, s]}(x_i) / dw)^2`` to ``fisher``: one forward
         pass per sample, its class slots vectorized by vmap (one VJP each in a graph with a MISBATCHED op)."""
-        if not misbatched:
-            misbatched.append(_holds_misbatched(model, params, constants, x[:1]))
+        if not ops:
+            ops.append(_graph_ops(model, params, constants, x[:1]))
         for i in range(x.shape[0]):
             logp, vjp_fn = vjp(partial(log_probs, x=x[i]), params)
             cotangents = torch.nn.functional.one_hot(labels[i], logp.shape[-1]).to(logp.dtype)  # [S, K]
-            if misbatched[0]:
+            if ops[0] & MISBATCHED:
                 each = [vjp_fn(c)[0] for c in cotangents]
                 grads = {n: torch.stack([g[n] for g in each]) for n in each[0]}
             else:
@@ -381,6 +381,8 @@ def estimate_fisher(
                 if vectorize == "classes":
                     over_classes(x, labels, weights)
                     continue
+                if not ops:
+                    ops.append(_graph_ops(model, params, constants, x[:1]))
                 step = x.shape[0] if chunk_size is None else chunk_size
                 for start in range(0, x.shape[0], step):
                     sl = slice(start, start + step)

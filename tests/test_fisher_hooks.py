@@ -817,6 +817,34 @@ def test_a_parametrized_layer_gets_its_fisher(batch):
     _assert_hooks_match_the_loop(Orthogonal, (batch, 4, 6))
 
 
+class Checkpointed(nn.Module):
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.reentrant = reentrant
+        self.block = nn.Sequential(nn.Linear(6, 6), nn.Tanh())
+        self.head = nn.Linear(6, K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=self.reentrant).mean(1))
+
+
+@pytest.mark.parametrize("vectorize", ["hooks", "classes", "samples"])
+def test_reentrant_checkpointing_is_refused_with_the_fix(vectorize):
+    """Reentrant checkpointing runs the block again inside the backward pass, out of the hooks' and torch.func's
+    reach (it crashed with an unrelated message)."""
+    x = torch.randn(3, 4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match=r"use_reentrant=True.*set_grad_checkpointing\(False\).*use_reentrant=False"):
+        estimate_fisher(Checkpointed(True).double(), [x], vectorize=vectorize, progress=False, dtype=torch.float64)
+
+
+def test_non_reentrant_checkpointing_gives_the_hooks_the_loops_fisher():
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    net = Checkpointed(False).double()
+    fisher = estimate_fisher(net, [x], vectorize="hooks", progress=False, dtype=torch.float64)
+    _assert_close(fisher, _reference_fisher(net, x, _exact_slots))
+
+
 class BranchingHead(FunctionalHead):
     """The head called as a layer on sequences of 4, its weight used by ``F.linear`` on longer ones."""
 
