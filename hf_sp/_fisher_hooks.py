@@ -508,7 +508,9 @@ class HookedFisher:
 
     def _check_parameter_uses(self, logits, leaves: dict[str, torch.Tensor], made: dict[int, set]) -> None:
         """Raise :class:`NotPerSample` if a unit's parameter is used by an op outside the unit's calls (a weight tied by
-        ``h @ emb.weight.T``, ``F.linear(x, head.weight)``, a parametrization): the hooks see only the calls."""
+        ``h @ emb.weight.T``, ``F.linear(x, head.weight)``, a parametrization): the hooks see only the calls. A call
+        that changes its input in place with the parameter (``x.mul_(gamma)``) looks the same: the op becomes the
+        input's own node, where the call's nodes stop."""
         owner = {id(leaves[full]): (u, full) for u in self.units for full in u.names.values()}
         if logits.grad_fn is None:
             return
@@ -519,7 +521,10 @@ class HookedFisher:
                     continue
                 unit, name = owner[id(variable)]
                 if node not in made.get(id(unit), ()):
-                    raise NotPerSample(f"{name} is used outside the forward pass of {unit.prefix or 'the model'}")
+                    raise NotPerSample(
+                        f"{name} is used outside the calls of {unit.prefix or 'the model'}, or a call changed its input in "
+                        "place (as LayerScale(inplace=True) does)"
+                    )
 
     def _check_calls(self, batch: int, events: list[_Event], fixed: set[int]) -> None:
         """Raise :class:`NotPerSample` if a unit's saved input was changed in place, a unit saw other than ``batch``

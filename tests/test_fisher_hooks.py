@@ -807,7 +807,25 @@ class Orthogonal(nn.Module):
         return self.head(torch.tanh(self.lin(x)).mean(1))
 
 
-@pytest.mark.parametrize("model", [TiedOutput, FunctionalHead, OldWeightNorm])
+class InPlaceScale(Scale):
+    """Scales its input in place with its parameter (as timm's ``LayerScale(inplace=True)`` does)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mul_(self.gamma.unsqueeze(-1))
+
+
+class InPlaceScaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+        self.scale = InPlaceScale(4)
+        self.head = nn.Linear(6, K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.scale(self.lin(x))).mean(1))
+
+
+@pytest.mark.parametrize("model", [TiedOutput, FunctionalHead, OldWeightNorm, InPlaceScaled])
 def test_parameters_used_outside_their_layers_call_get_their_whole_fisher(model):
     _assert_hooks_match_the_loop(model, (3, 4, 6))
 
