@@ -33,7 +33,7 @@ statistics, no parameter tied between modules); :func:`hf_sp.estimate_fisher` us
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -81,9 +81,9 @@ class Unsupported(ValueError):
     """A model that no path of the Fisher can take per sample."""
 
 
-def graph_ops(root: Any) -> set[str]:
-    """The names of the backward nodes below ``root``; :class:`Unsupported` for reentrant checkpointing."""
-    names = {n.name() for n in reachable(root)}
+def graph_ops(nodes: Iterable[Any]) -> set[str]:
+    """The names of the backward ``nodes`` of a graph; :class:`Unsupported` for reentrant checkpointing."""
+    names = {n.name() for n in nodes}
     if REENTRANT in names:
         raise Unsupported(
             "estimate_fisher: the model uses reentrant activation checkpointing (torch.utils.checkpoint with "
@@ -203,7 +203,7 @@ class HookedFisher:
         self._batch = 0  # the samples of the forward pass under way
         self._expanded = False  # whether it expanded a shared output (see _hook)
         self._untracked = False  # whether the samples of the forward pass under way require a gradient (see _hook)
-        self._fixed: set[int] = set()  # the storages of the model's parameters and buffers in that forward pass
+        self._fixed: set[int] = set()  # the storages of the model's parameters and buffers, from the last forward pass
         self.touched = False  # whether the batch under way added to the Fisher
         self._build(copies=True)
 
@@ -283,12 +283,12 @@ class HookedFisher:
         sum. Its inputs and outputs are expanded to one copy per sample first (the output is then broadcast as it
         was), and each copy's gradient is that sample's. :meth:`_check` verifies that the copies stay apart."""
         leaves, spec = tree_flatten(output)
+        given = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         if self._untracked and self._batch > 1:
-            for a in tree_flatten((args, kwargs))[0]:
+            for a in given:
                 if _untracked_rows(a, self._batch) and a.untyped_storage().data_ptr() not in self._fixed:
                     raise NotPerSample(f"{unit.prefix or 'the model'} gets a table of {self._batch} rows that no sample's "
                                        "gradient reaches: rows of samples or not, the hooks cannot tell")
-        given = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         self._made.setdefault(id(unit), set()).update(
             made_between([t.grad_fn for t in leaves if isinstance(t, torch.Tensor)], [t.grad_fn for t in given])
         )
@@ -427,17 +427,16 @@ class HookedFisher:
         each part asks for the output gradients of the layers it crosses and for the gradient of the cut below,
         which starts the next part, and the layers whose gradients are all in are turned into squares at once, so
         that only one part's gradients are held at a time."""
-        logits, events, replaced, taps = self._forward(x, params, constants, logits_of, stages=True)
+        logits, events, replaced, taps, ops = self._forward(x, params, constants, logits_of, stages=True)
         if not self._checked and x.shape[0] >= 2:
             if any(e.shared for e in events):  # copies of shared outputs, not checked yet: check, then start again
                 for u in self.units:
                     u.calls.clear()
-                del logits, events, replaced, taps
+                del logits, events, replaced, taps, ops
                 self._check(x[:2], params, constants, logits_of)
                 return self._add_chunk(x, slots_of, num_slots, slot_step, params, constants, logits_of, fisher)
             self._checked = True  # every unit saw the samples (_check_calls), and there are no copies to check
-        if self.batched_slots and logits.grad_fn is not None:
-            self.batched_slots = not graph_ops(logits.grad_fn) & MISBATCHED
+        self.batched_slots = self.batched_slots and not ops & MISBATCHED
         passes = self._passes(logits, events, replaced, taps)
         self.touched = True
         targets_of = {id(u): self._targets(u) for u in self.units}
@@ -499,22 +498,20 @@ class HookedFisher:
             self._batch = 0
             for h in handles:
                 h.remove()
-        self._check_calls(batch, events, self._fixed)
-        if logits.grad_fn is not None:
-            graph_ops(logits.grad_fn)
+        self._check_calls(batch, events)
+        nodes = set() if logits.grad_fn is None else reachable(logits.grad_fn)
+        ops = graph_ops(nodes)
         made, self._made = self._made, {}
-        self._check_parameter_uses(logits, leaves, made)
-        return logits, events, replaced, taps
+        self._check_parameter_uses(nodes, leaves, made)
+        return logits, events, replaced, taps, ops
 
-    def _check_parameter_uses(self, logits, leaves: dict[str, torch.Tensor], made: dict[int, set]) -> None:
+    def _check_parameter_uses(self, nodes: set, leaves: dict[str, torch.Tensor], made: dict[int, set]) -> None:
         """Raise :class:`NotPerSample` if a unit's parameter is used by an op outside the unit's calls (a weight tied by
         ``h @ emb.weight.T``, ``F.linear(x, head.weight)``, a parametrization): the hooks see only the calls. A call
         that changes its input in place with the parameter (``x.mul_(gamma)``) looks the same: the op becomes the
         input's own node, where the call's nodes stop."""
         owner = {id(leaves[full]): (u, full) for u in self.units for full in u.names.values()}
-        if logits.grad_fn is None:
-            return
-        for node in reachable(logits.grad_fn):
+        for node in nodes:
             for child, _ in node.next_functions:
                 variable = getattr(child, "variable", None)
                 if variable is None or id(variable) not in owner:
@@ -526,10 +523,10 @@ class HookedFisher:
                         "place (as LayerScale(inplace=True) does)"
                     )
 
-    def _check_calls(self, batch: int, events: list[_Event], fixed: set[int]) -> None:
+    def _check_calls(self, batch: int, events: list[_Event]) -> None:
         """Raise :class:`NotPerSample` if a unit's saved input was changed in place, a unit saw other than ``batch``
-        samples, made rows of the batch from none of the samples' (only from the model's own tensors, ``fixed``:
-        a table whose length equals the batch) or a hooked output was changed in place after the forward pass went
+        samples, made rows of the batch from none of the samples' (only from the model's own tensors: a table whose
+        length equals the batch) or a hooked output was changed in place after the forward pass went
         on."""
         for u in self.units:
             for saved, kwargs, out_leaves, versions in u.calls:
@@ -541,7 +538,7 @@ class HookedFisher:
                 if any(isinstance(t, torch.Tensor) and t.dim() == 0 and t.requires_grad for t in out_leaves):
                     raise NotPerSample(f"{u.prefix or 'the model'} makes one scalar for all samples")
                 rows = batch > 1 and any(isinstance(t, torch.Tensor) and t.dim() > 0 and t.requires_grad for t in out_leaves)
-                if rows and not any(_per_sample_arg(a, batch, fixed) for a in tree_flatten((saved, kwargs))[0]):
+                if rows and not any(_per_sample_arg(a, batch, self._fixed) for a in tree_flatten((saved, kwargs))[0]):
                     raise NotPerSample(f"{u.prefix or 'the model'} makes rows of the batch from none of the samples'")
         if any(e.tensor._version != e.version for e in events):
             # the model kept a layer's or a stage's output and changed it in place: the clone that went on missed it
@@ -646,7 +643,6 @@ class HookedFisher:
             }
         )
         slots = w.shape[0]
-        fixed = _storages((*params.values(), *constants.values()))
         totals = {loc: None for loc in local}
         per_call = []
         for saved, kwargs, out_leaves, _ in u.calls:
@@ -661,7 +657,7 @@ class HookedFisher:
             for saved, kwargs, outs, cots, idx in per_call:
                 batch = outs[0].shape[0]  # the inputs may all be keywords; the outputs are the samples' (_check_calls)
                 flat_args, spec = tree_flatten((saved, kwargs))
-                dims = [0 if _per_sample_arg(a, batch, fixed) else None for a in flat_args]
+                dims = [0 if _per_sample_arg(a, batch, self._fixed) else None for a in flat_args]
 
                 def one(p, *flat, _spec=spec, _module=u.module, _idx=idx, _dims=dims):
                     args, kw = tree_unflatten(
@@ -719,7 +715,7 @@ class HookedFisher:
     def _check_copies(self, x, params, constants, logits_of) -> None:
         """The forward pass, logits and gradients of :meth:`_check`."""
         try:
-            logits, events, _, taps = self._forward(x, params, constants, logits_of, stages=False)
+            logits, events, _, taps, _ = self._forward(x, params, constants, logits_of, stages=False)
         finally:
             for u in self.units:
                 u.calls.clear()

@@ -26,13 +26,7 @@ def _children(node: Node) -> list[Node]:
 
 def reachable(root: Node) -> set[Node]:
     """Every node of the graph below ``root`` (``root`` included)."""
-    seen, stack = {root}, [root]
-    while stack:
-        for child in _children(stack.pop()):
-            if child not in seen:
-                seen.add(child)
-                stack.append(child)
-    return seen
+    return made_between([root], [])
 
 
 def made_between(tops: Sequence[Node | None], bottoms: Sequence[Node | None]) -> set[Node]:

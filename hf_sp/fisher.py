@@ -58,6 +58,7 @@ from tqdm.auto import tqdm
 
 from ._eval_batch_norm import EvalBatchNorm
 from ._fisher_hooks import MISBATCHED, HookedFisher, NotPerSample, graph_ops
+from ._graph_cuts import reachable
 
 #: How :func:`estimate_fisher` vectorizes the per-sample, per-class gradients.
 VECTORIZE = ("auto", "hooks", "samples", "classes")
@@ -189,7 +190,7 @@ def _graph_ops(model: nn.Module, params: dict[str, torch.Tensor], constants: dic
     x = x.detach().requires_grad_(True) if x.is_floating_point() else x  # reentrant checkpoints need such an input
     with torch.enable_grad():
         logits = _logits(functional_call(model, (leaves, constants), (x,)))
-    return set() if logits.grad_fn is None else graph_ops(logits.grad_fn)
+    return set() if logits.grad_fn is None else graph_ops(reachable(logits.grad_fn))
 
 
 def estimate_fisher(
@@ -303,13 +304,11 @@ def estimate_fisher(
 
     batched = vmap(per_sample, in_dims=(0, 0, 0), chunk_size=chunk_size)
 
-    ops: list[set[str]] = []  # the backward nodes of the model's graph, once known (_graph_ops)
+    ops: list[set[str]] = []  # the backward nodes of the model's graph, known before the torch.func paths' first batch
 
     def over_classes(x: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> None:
         """Add ``sum_i sum_s weights[i, s] * (d log f_{labels[i, s]}(x_i) / dw)^2`` to ``fisher``: one forward
         pass per sample, its class slots vectorized by vmap (one VJP each in a graph with a MISBATCHED op)."""
-        if not ops:
-            ops.append(_graph_ops(model, params, constants, x[:1]))
         for i in range(x.shape[0]):
             logp, vjp_fn = vjp(partial(log_probs, x=x[i]), params)
             cotangents = torch.nn.functional.one_hot(labels[i], logp.shape[-1]).to(logp.dtype)  # [S, K]
@@ -378,11 +377,11 @@ def estimate_fisher(
                     with torch.no_grad():
                         probs = torch.softmax(_logits(functional_call(model, (params, constants), (x,))), dim=-1)
                     labels, weights = draw(probs)
+                if not ops:
+                    ops.append(_graph_ops(model, params, constants, x[:1]))
                 if vectorize == "classes":
                     over_classes(x, labels, weights)
                     continue
-                if not ops:
-                    ops.append(_graph_ops(model, params, constants, x[:1]))
                 step = x.shape[0] if chunk_size is None else chunk_size
                 for start in range(0, x.shape[0], step):
                     sl = slice(start, start + step)
