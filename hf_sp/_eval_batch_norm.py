@@ -13,9 +13,11 @@ ops; the values are the kernel's up to rounding.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
@@ -57,3 +59,15 @@ class EvalBatchNorm(TorchFunctionMode):
                     bound.get("eps", 1e-5),
                 )
         return func(*args, **kwargs)
+
+
+def eval_batch_norm_for(model: nn.Module) -> contextlib.AbstractContextManager:
+    """:class:`EvalBatchNorm` if ``model`` can call ``F.batch_norm`` with running statistics (a BatchNorm module, or a
+    module with a ``running_mean`` / ``running_var`` buffer of its own), else a no-op: the mode costs a Python call
+    on every op of the forward and backward passes."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            return EvalBatchNorm()
+        if any(name in ("running_mean", "running_var") for name, _ in module.named_buffers(recurse=False)):
+            return EvalBatchNorm()
+    return contextlib.nullcontext()

@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from torch import nn
+from torch.nn import functional as F
 
 from hf_sp import _fisher_hooks
 from hf_sp._fisher_hooks import multinomial_rows
@@ -444,14 +445,29 @@ def test_empty_dataloader_and_bad_batches():
     assert model.training  # mode restored after an error, too
 
 
+class _FunctionalBatchNorm(nn.Module):
+    """Not a BatchNorm subclass: its own running statistics through ``F.batch_norm`` (as frozen norms of some
+    detection backbones do)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, 1e-5)
+
+
 class _NormThenTokens(nn.Module):
     """A BatchNorm (running statistics) whose output is turned into tokens, ``flatten(2).transpose(1, 2)``, as in
     the convolutional stems of XCiT and LeViT: its output gradient is not contiguous."""
 
-    def __init__(self) -> None:
+    def __init__(self, functional: bool = False) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
-        self.bn = nn.BatchNorm2d(8)
+        self.bn = _FunctionalBatchNorm(8) if functional else nn.BatchNorm2d(8)
         self.head = nn.Linear(8, NUM_CLASSES)
         with torch.no_grad():
             self.bn.running_mean.uniform_(-0.5, 0.5)
@@ -480,10 +496,11 @@ def _reference_in_pairs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Te
     return {n: r / x.shape[0] for n, r in ref.items()}
 
 
+@pytest.mark.parametrize("functional", [False, True], ids=["module", "functional"])
 @pytest.mark.parametrize("vectorize", ["hooks", "samples", "classes"])
-def test_batch_norm_with_a_non_contiguous_output_gradient(vectorize):
+def test_batch_norm_with_a_non_contiguous_output_gradient(vectorize, functional):
     torch.manual_seed(0)
-    model = _NormThenTokens().double()
+    model = _NormThenTokens(functional).double()
     x = torch.randn(3, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     batches = [x[:1], x[1:]]  # a batch of one sample on every path
     fisher = estimate_fisher(model, batches, vectorize=vectorize, progress=False, dtype=torch.float64)
