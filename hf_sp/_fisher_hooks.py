@@ -199,7 +199,6 @@ class HookedFisher:
         self._checked = False
         #: one batched backward pass over the slots (see _backward); cleared when the graph does not support it
         self.batched_slots = BATCHED_SLOTS
-        self._sizes: dict[tuple, tuple[int, int, int]] = {}  # one sample's output gradients: all, largest; classes
         self._batch = 0  # the samples of the forward pass under way
         self._expanded = False  # whether it expanded a shared output (see _hook)
         self._untracked = False  # whether the samples of the forward pass under way require a gradient (see _hook)
@@ -212,6 +211,7 @@ class HookedFisher:
         stages."""
         self.units: list[_Unit] = []
         self.replicas: list[str] = []
+        self._sizes: dict[tuple, tuple[int, int, int]] = {}  # one sample's output gradients: all, largest; classes
         #: the autograd nodes that each unit's calls made (by id of the unit), gathered in every forward pass to
         #: check that the units' parameters are used inside their calls only (:meth:`_check_parameter_uses`; a model
         #: may take another branch on another batch)

@@ -1015,9 +1015,12 @@ def test_outputs_and_parameters_shared_by_the_samples(monkeypatch, model, hooked
     if model is RepeatedProbe:
         engine, params, fisher = _engine(net)
         assert engine.replicas == ["pool.probe"]
+        assert engine.num_classes(x, params, {}, lambda out: out) == K  # sizes probed before the batch, as estimate_fisher does
         _add_exact(engine, net, x, params, fisher)
         kinds = {u.prefix: "rule" if u.rule else "torch.func" for u in engine.units}
         assert engine.replicas == [] and kinds == {"lin": "rule", "pool": "torch.func", "head": "rule"}
+        # the chunk sizes come from the units after the rebuild (pool's [6] output, not pool.proj's [5, 6])
+        assert engine._probe(x, params, {}, lambda out: out)[:2] == _per_slot_floats(engine, x, params, {})
 
 
 @pytest.mark.parametrize(
