@@ -43,7 +43,7 @@ from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._graph_cuts import cut_points, made_between, reachable
-from ._per_sample import RULES, rule_for, workspace
+from ._per_sample import RULES, rule_for, sums_pairs, workspace
 
 #: Floats of all layers' output gradients (slots x samples x activations): 512 MiB of fp32, the most that one part
 #: of the backward pass could hold (a graph without cuts is one part). Samples are split into forward chunks first
@@ -51,11 +51,13 @@ from ._per_sample import RULES, rule_for, workspace
 #: passes when one sample's slots alone exceed it.
 GRADIENT_BUDGET = 1 << 27
 
-#: Floats of one layer's saved output gradients (slots x samples x that layer's activations) at a time: 32 MiB of
-#: fp32, the largest block glibc's malloc serves from its heap (``DEFAULT_MMAP_THRESHOLD_MAX``). A larger block is
-#: mapped afresh at every allocation and page-faulted as it is first written, and the backward pass allocates
-#: several of that size per layer. Chunks of samples (then groups of slots) keep the largest layer's below it.
-LAYER_BUDGET = 1 << 23
+#: Floats of one layer's saved output gradients (slots x samples x that layer's activations) at a time: just under
+#: 32 MiB of fp32, the largest block glibc's malloc serves from its heap (``DEFAULT_MMAP_THRESHOLD_MAX``; a block of
+#: exactly that size, with the allocator's alignment, is over it). A larger block is mapped afresh at every
+#: allocation and page-faulted as it is first written, and the backward pass allocates several of that size per
+#: layer. The backward pass takes the slots in groups from the first layer that would exceed it on (chunks of
+#: samples where a layer that sums position pairs would, or where one slot would).
+LAYER_BUDGET = (1 << 23) - (1 << 14)
 
 
 #: Floats of one slot's output gradients that a part of the backward pass holds at least (1 MiB of fp32), unless
@@ -177,6 +179,16 @@ def _untracked_rows(a: Any, batch: int) -> bool:
         and a.shape[0] == batch
         and a.stride(0) != 0
     )
+
+
+class _Sizes(NamedTuple):
+    """One sample's output gradients for one slot, in floats: ``all`` layers', the ``largest`` layer's, and for each
+    unit (floats, unit, its outputs on the ``meta`` device); ``classes``: the logits' number of classes."""
+
+    all: int
+    largest: int
+    classes: int
+    units: list[tuple[int, Any, list[torch.Tensor]]]
 
 
 class _Unit:
@@ -381,42 +393,50 @@ class HookedFisher:
                     x[sl], lambda _, c=chunk: c, num_slots, slot_step, params, constants, logits_of, fisher
                 )
 
-    def _probe(self, x, params, constants, logits_of) -> tuple[int, int, int]:
-        """Floats of one sample's output gradients for one slot (all layers', the largest layer's) and the number of
-        classes, from a forward pass on one sample, once per input shape."""
+    def _probe(self, x, params, constants, logits_of) -> _Sizes:
+        """Floats of one sample's output gradients for one slot (all layers', the largest layer's, each unit's), and
+        the number of classes, from a forward pass on one sample, once per input shape."""
         key = (tuple(x.shape[1:]), x.dtype)
         if key not in self._sizes:
-            probe: list[int] = []
-            hooks = [
-                u.module.register_forward_hook(
-                    lambda m, a, o: probe.append(
-                        sum(t[0].numel() for t in tree_flatten(o)[0] if isinstance(t, torch.Tensor) and t.dim() > 0)
-                    )
-                )
-                for u in self.units
-            ]
+            outputs: dict[int, list[torch.Tensor]] = {id(u): [] for u in self.units}
+
+            def record(u: _Unit, module, args, output) -> None:
+                outputs[id(u)] += [
+                    torch.empty_like(t, device="meta")
+                    for t in tree_flatten(output)[0]
+                    if isinstance(t, torch.Tensor) and t.dim() > 0
+                ]
+
+            hooks = [u.module.register_forward_hook(partial(record, u)) for u in self.units]
             try:
                 with torch.no_grad():
                     logits = logits_of(functional_call(self.model, (params, constants), (x[:1],)))
             finally:
                 for h in hooks:
                     h.remove()
-            self._sizes[key] = (max(1, sum(probe)), max([1, *probe]), logits.shape[-1])
+            units = [(sum(t[0].numel() for t in outputs[id(u)]), u, outputs[id(u)]) for u in self.units]
+            sizes = [n for n, _, _ in units if n]
+            self._sizes[key] = _Sizes(max(1, sum(sizes)), max([1, *sizes]), logits.shape[-1], units)
         return self._sizes[key]
 
     def _chunk(self, x, num_slots, params, constants, logits_of) -> tuple[int, int]:
         """Samples per forward chunk and slots per group of backward passes, so that the saved output gradients stay
-        within GRADIENT_BUDGET, and those of the largest layer within LAYER_BUDGET; the chunks are made as even as
-        their number allows (sizes from :meth:`_probe`)."""
-        per_slot, largest, _ = self._probe(x, params, constants, logits_of)  # one sample, one slot
-
-        def within(count: int) -> int:  # samples for ``count`` slots, or slots for ``count`` samples
-            return min(GRADIENT_BUDGET // (per_slot * count), LAYER_BUDGET // (largest * count))
-
+        within GRADIENT_BUDGET, and those of the largest layer within LAYER_BUDGET for one slot (more slots of a
+        layer are split into groups where the backward pass reaches it, :meth:`_tail`) or for all of
+        them where its rule sums position pairs (whose cost each group would pay again); the chunks are made as even
+        as their number allows (sizes from :meth:`_probe`)."""
+        sizes = self._probe(x, params, constants, logits_of)  # one sample, one slot
+        pairs = max([1, *(n for n, u, outs in sizes.units if sums_pairs(u.rule, outs, num_slots))])
         batch = x.shape[0]
-        samples = max(1, min(batch, within(num_slots)))
+        samples = min(
+            batch,
+            GRADIENT_BUDGET // (sizes.all * num_slots),
+            LAYER_BUDGET // sizes.largest,
+            LAYER_BUDGET // (pairs * num_slots),
+        )
+        samples = max(1, samples)
         samples = -(-batch // -(-batch // samples))  # ceil(batch / number of chunks)
-        slots = max(1, min(num_slots, within(samples)))
+        slots = max(1, min(num_slots, GRADIENT_BUDGET // (sizes.all * samples)))
         return samples, slots
 
     def _add_chunk(self, x, slots_of, num_slots, slot_step, params, constants, logits_of, fisher) -> None:
@@ -441,6 +461,9 @@ class HookedFisher:
         self.touched = True
         targets_of = {id(u): self._targets(u) for u in self.units}
         cotangents_of = slots_of(logits)
+        tail, group = self._tail(passes, targets_of, min(slot_step, num_slots))
+        if tail < len(passes) and group is None:  # the layers below cannot take the slots in groups: all take them so
+            slot_step = min(slot_step, self._group_size(passes[tail:]))
         for s0 in range(0, num_slots, slot_step):
             slots = range(s0, min(num_slots, s0 + slot_step))
             cot, weights = cotangents_of(slots)
@@ -449,21 +472,66 @@ class HookedFisher:
             pending = [u for u in self.units if targets_of[id(u)]]
             by_target: dict[int, torch.Tensor] = {}
             start, grad = logits, cot.to(logits.dtype).movedim(1, 0)  # [S', B, K]
-            for targets, cut, tapped in passes:
-                wanted = targets + ([] if cut is None or any(cut is t for t in targets) else [cut])
-                got = self._backward(start, wanted + [taps[n] for n in tapped], grad, last)
-                by_target.update((id(t), g) for t, g in zip(wanted, got[: len(wanted)], strict=True))
-                for n, g in zip(tapped, got[len(wanted) :], strict=True):
-                    # g: [S, B, *p.shape[1:]], the per-sample gradients of the parameter
-                    sq = torch.einsum("sb...,sb->...", g.square(), ws.to(g.dtype))
-                    fisher[n] += sq.reshape(fisher[n].shape).to(fisher[n].dtype)
-                if cut is not None:  # the next part starts there; a stage's gradient is no unit's
-                    start, grad = cut, by_target[id(cut)] if targets and cut is targets[0] else by_target.pop(id(cut))
-                del got
-                pending = self._add_ready(pending, targets_of, by_target, ws, params, constants, fisher)
+            head = passes if group is None else passes[:tail]
+            for part in head:
+                start, grad, pending = self._add_part(part, start, grad, ws, last, taps, pending, targets_of, by_target,
+                                                      params, constants, fisher)
+            if group is not None:  # the rest of the backward pass one group of slots at a time
+                for g0 in range(0, len(slots), group):
+                    sl = slice(g0, g0 + group)
+                    sub_start, sub_grad, sub_pending, sub_targets = start, grad[sl], list(pending), {}
+                    for part in passes[tail:]:
+                        sub_start, sub_grad, sub_pending = self._add_part(
+                            part, sub_start, sub_grad, ws[sl], last and g0 + group >= len(slots), taps, sub_pending,
+                            targets_of, sub_targets, params, constants, fisher,
+                        )
+                    del sub_targets, sub_grad
             del by_target, grad
         for u in self.units:
             u.calls.clear()
+
+    def _add_part(self, part, start, grad, ws, last, taps, pending, targets_of, by_target, params, constants, fisher):
+        """One part of the backward pass (:meth:`_passes`) for the slots of ``grad`` (``[S', B, ...]`` on
+        ``start``, weights ``ws`` ``[S', B]``): the gradients it asks for, the squares of its taps and of the units
+        whose gradients are all in. Returns where the next part starts, its gradient, and the units still waiting."""
+        targets, cut, tapped = part
+        wanted = targets + ([] if cut is None or any(cut is t for t in targets) else [cut])
+        got = self._backward(start, wanted + [taps[n] for n in tapped], grad, last)
+        by_target.update((id(t), g) for t, g in zip(wanted, got[: len(wanted)], strict=True))
+        for n, g in zip(tapped, got[len(wanted) :], strict=True):
+            # g: [S, B, *p.shape[1:]], the per-sample gradients of the parameter
+            sq = torch.einsum("sb...,sb->...", g.square(), ws.to(g.dtype))
+            fisher[n] += sq.reshape(fisher[n].shape).to(fisher[n].dtype)
+        if cut is not None:  # the next part starts there; a stage's gradient is no unit's
+            start, grad = cut, by_target[id(cut)] if targets and cut is targets[0] else by_target.pop(id(cut))
+        del got
+        return start, grad, self._add_ready(pending, targets_of, by_target, ws, params, constants, fisher)
+
+    @staticmethod
+    def _group_size(parts) -> int:
+        """Slots whose output gradients stay within LAYER_BUDGET in every layer of ``parts`` (and at the cut where
+        each one stops)."""
+        sizes = [t.numel() for targets, cut, _ in parts for t in (*targets, *([] if cut is None else [cut]))]
+        return max(1, LAYER_BUDGET // max([1, *sizes]))
+
+    def _tail(self, passes, targets_of, num_slots: int) -> tuple[int, int | None]:
+        """Where the backward pass starts to hold more than LAYER_BUDGET of one layer's output gradients for
+        ``num_slots`` slots (an index into ``passes``; their number if nowhere), and the size of the groups of slots
+        that take the passes from there on (``None``: they cannot, all passes take the slots in such groups). The
+        slots can be grouped there when the units met from there on have all their outputs there, and none of them
+        sums position pairs (whose cost each group would pay again)."""
+        tail = next((k for k in range(len(passes)) if self._group_size(passes[k : k + 1]) < num_slots), len(passes))
+        if tail == len(passes):
+            return tail, None
+        below = {id(t) for targets, _, _ in passes[tail:] for t in targets}
+        for u in self.units:
+            targets = targets_of[id(u)]
+            inside = [id(t) in below for t in targets]
+            if any(inside) and (
+                not all(inside) or sums_pairs(u.rule, [t.detach() for t in targets], num_slots)
+            ):
+                return tail, None
+        return tail, self._group_size(passes[tail:])
 
     def _forward(self, x, params, constants, logits_of, stages: bool) -> tuple[Any, list[_Event], dict, dict]:
         """The hooked forward pass over ``x``: (logits, events, the per-sample copies of the broadcast parameters,

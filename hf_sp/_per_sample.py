@@ -252,6 +252,19 @@ def _conv_weight_sq(m: nn.Conv1d | nn.Conv2d, inputs, grads, w, kernel, stride, 
     return result
 
 
+def sums_pairs(rule: Rule | None, outputs: list[torch.Tensor], num_slots: int) -> bool:
+    """Whether ``rule`` sums position pairs (:func:`_outer_sq_pairs`) for these outputs (one per call, batch first)
+    and ``num_slots`` slots: a cost that does not depend on the number of slots, so that splitting the slots into
+    groups multiplies it (per-sample gradients, and the other rules, cost the same in total either way)."""
+    if rule is _linear:
+        positions = sum(o[0].numel() // o.shape[-1] for o in outputs)
+    elif rule is _conv:
+        positions = sum(o[0, 0].numel() for o in outputs)
+    else:
+        return False
+    return positions > 1 and not _materialize(num_slots, positions)
+
+
 def _materialize(num_slots: int, length: int) -> bool:
     """Whether per-sample gradients over ``length`` positions are formed (else their squares are summed by
     position pairs): pairs cost ``length (length + 1) / 2`` products a sample, formed gradients ``num_slots`` x

@@ -114,17 +114,26 @@ def test_hooks_match_the_loop_for_every_rule(monkeypatch, model, x, batched):
         assert kinds["conv2"] == "torch.func" and kinds["conv1"] == kinds["bn"] == kinds["norm"] == "rule"
 
 
-@pytest.mark.parametrize("which", ["GRADIENT_BUDGET", "LAYER_BUDGET"], ids=["all-layers", "largest-layer"])
 @pytest.mark.parametrize(
-    ("budget", "chunks"),
-    [(10**9, (5, 3)), (1, (1, 1)), (2, (1, 2)), (12, (3, 3))],
-    ids=["one-chunk", "sample-and-slot-by-slot", "slots-in-groups", "even-sample-chunks"],
+    ("which", "budget", "chunks"),
+    [
+        ("GRADIENT_BUDGET", 10**9, (5, 3)),
+        ("GRADIENT_BUDGET", 1, (1, 1)),
+        ("GRADIENT_BUDGET", 2, (1, 2)),
+        ("GRADIENT_BUDGET", 12, (3, 3)),
+        ("LAYER_BUDGET", 10**9, (5, 3)),
+        ("LAYER_BUDGET", 12, (3, 3)),
+    ],
+    ids=["one-chunk", "sample-and-slot-by-slot", "slots-in-groups", "even-sample-chunks", "largest-layer-fits",
+         "largest-layer-sums-pairs"],
 )
 def test_gradient_budget_splits_samples_then_slots(monkeypatch, which, budget, chunks):
     """Samples are split into even forward chunks first; slots into groups only when one sample's slots exceed the
     budget (``budget`` in units of one sample's output gradients for one slot, of all layers for GRADIENT_BUDGET, of
     the largest layer for LAYER_BUDGET, the other budget unbounded; 5 samples, K - 1 = 3 exact slots: a budget of
-    12 fits 4 samples with all their slots, and the 5 samples go in chunks of 3 and 2, not 4 and 1)."""
+    12 fits 4 samples with all their slots, and the 5 samples go in chunks of 3 and 2, not 4 and 1). The largest
+    layer here sums position pairs, a cost that each group of slots would pay again: LAYER_BUDGET splits the
+    samples for it (for other layers it splits the slots where the backward pass reaches them, below)."""
     torch.manual_seed(0)
     net = Images().double()
     x = torch.randn(5, 4, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
@@ -147,6 +156,65 @@ def test_gradient_budget_splits_samples_then_slots(monkeypatch, which, budget, c
     assert {step for _, step in calls} == {chunks[1]} and max(n for n, _ in calls) == chunks[0]
     assert sum(n for n, _ in calls) == 5
     _assert_close(fisher, _reference_fisher(net, x, _exact_slots))
+
+
+class Pyramid(nn.Module):
+    """Stages of falling resolution, as a CNN's: a stem of 64 positions, 16, then 4 (whose convolution sums position
+    pairs). ``shared``: a Linear over the channels applied in the stem and again at the top."""
+
+    def __init__(self, shared: bool = False) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Tanh())
+        self.mix = nn.Linear(4, 4) if shared else None
+        self.down1 = nn.Sequential(nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.Tanh())
+        self.down2 = nn.Sequential(nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.Tanh())
+        self.head = nn.Linear(4 * 4, K)
+        with torch.no_grad():
+            self.stem[1].running_mean.uniform_(-0.5, 0.5)
+            self.stem[1].running_var.uniform_(0.5, 2.0)
+
+    def _mixed(self, h: torch.Tensor) -> torch.Tensor:
+        return h if self.mix is None else torch.tanh(self.mix(h.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.down2(self.down1(self._mixed(self.stem(x))))
+        return self.head(self._mixed(h).flatten(1))
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["stem-in-groups", "shared-layer-all-in-groups"])
+def test_layer_budget_takes_the_large_layers_slots_in_groups(monkeypatch, shared):
+    """A batch whose largest layers (the stem) exceed LAYER_BUDGET with all slots stays one forward chunk: the
+    backward pass takes all slots down to the stem, then the stem one group of slots at a time (the budget fits
+    2 of the K - 1 = 3 slots there). A layer used both in the stem and at the top would need the same slots at
+    both places: then the whole backward pass goes in those groups. Either way no backward pass holds more than
+    the budget of one layer's output gradients, and the Fisher is the loop's."""
+    monkeypatch.setattr(_fisher_hooks, "PART_FLOATS", 1)  # a part per stage
+    torch.manual_seed(0)
+    net = Pyramid(shared).double()
+    x = torch.randn(5, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    budget = 2 * 5 * 4 * 64  # two slots of the stem's output gradients for the 5 samples
+    monkeypatch.setattr(_fisher_hooks, "LAYER_BUDGET", budget)
+    chunks, passes = [], []
+    add_chunk, backward = HookedFisher._add_chunk, HookedFisher._backward
+    monkeypatch.setattr(
+        HookedFisher, "_add_chunk", lambda self, xs, *rest: chunks.append(xs.shape[0]) or add_chunk(self, xs, *rest)
+    )
+
+    def spy(self, start, wanted, grad, last):
+        passes.append((grad.shape[0], max(t.numel() for t in wanted)))
+        return backward(self, start, wanted, grad, last)
+
+    monkeypatch.setattr(HookedFisher, "_backward", spy)
+    fisher = estimate_fisher(net, [x], vectorize="hooks", progress=False, dtype=torch.float64)
+    _assert_close(fisher, _reference_fisher(net, x, _exact_slots))
+    assert chunks == [5]
+    assert all(slots * largest <= budget for slots, largest in passes), passes
+    slots = [n for n, _ in passes]
+    if shared:
+        assert sorted(set(slots)) == [1, 2]
+    else:
+        # all slots from the top, then the parts that reach the stem, in a group of 2 slots and a group of 1
+        assert slots[0] == 3 and slots == sorted(slots, reverse=True) and 0 < slots.count(2) == slots.count(1)
 
 
 def _per_slot_floats(engine: HookedFisher, x, params, constants) -> tuple[int, int]:
