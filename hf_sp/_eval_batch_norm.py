@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,32 +44,52 @@ def batch_norm_eval(
     return y
 
 
+def _with_running_statistics(args: tuple, kwargs: dict) -> dict[str, Any] | None:
+    """``F.batch_norm``'s arguments by name if the call normalizes with running statistics (``training=False``),
+    else ``None``."""
+    bound = dict(zip(_PARAMETERS, args, strict=False)) | kwargs
+    if bound.get("training", False) or bound.get("running_mean") is None:
+        return None
+    return bound
+
+
 class EvalBatchNorm(TorchFunctionMode):
     """Within this mode, ``F.batch_norm`` with running statistics and ``training=False`` is :func:`batch_norm_eval`."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.batch_norm:
-            bound = dict(zip(_PARAMETERS, args, strict=False)) | kwargs
-            if not bound.get("training", False) and bound.get("running_mean") is not None:
-                return batch_norm_eval(
-                    bound["input"],
-                    bound["running_mean"],
-                    bound["running_var"],
-                    bound.get("weight"),
-                    bound.get("bias"),
-                    bound.get("eps", 1e-5),
-                )
+        bound = _with_running_statistics(args, kwargs) if func is F.batch_norm else None
+        if bound is not None:
+            return batch_norm_eval(
+                bound["input"],
+                bound["running_mean"],
+                bound["running_var"],
+                bound.get("weight"),
+                bound.get("bias"),
+                bound.get("eps", 1e-5),
+            )
         return func(*args, **kwargs)
 
 
-def eval_batch_norm_for(model: nn.Module) -> contextlib.AbstractContextManager:
-    """:class:`EvalBatchNorm` if ``model`` can call ``F.batch_norm`` with running statistics (a BatchNorm module, or a
-    module with a ``running_mean`` / ``running_var`` buffer of its own), else a no-op: the mode costs a Python call
-    on every op of the forward and backward passes."""
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            return EvalBatchNorm()
-        if any(name in ("running_mean", "running_var") for name, _ in module.named_buffers(recurse=False)):
-            return EvalBatchNorm()
-    return contextlib.nullcontext()
+class _SeesBatchNorm(TorchFunctionMode):
+    """Records whether ``F.batch_norm`` is called with running statistics within the mode."""
+
+    seen = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.batch_norm and _with_running_statistics(args, kwargs) is not None:
+            self.seen = True
+        return func(*args, **kwargs)
+
+
+def eval_batch_norm_for(model: nn.Module, forward: Callable[[], Any]) -> contextlib.AbstractContextManager:
+    """:class:`EvalBatchNorm` if ``model`` calls ``F.batch_norm`` with running statistics (it has a BatchNorm
+    module, or ``forward()``, one forward pass of it, makes such a call: a module of its own may keep its statistics
+    under any name), else a no-op: the mode costs a Python call on every op of the forward and backward passes."""
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return EvalBatchNorm()
+    sees = _SeesBatchNorm()
+    with torch.no_grad(), sees:
+        forward()
+    return EvalBatchNorm() if sees.seen else contextlib.nullcontext()
