@@ -43,7 +43,7 @@ from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._graph_cuts import cut_points, made_between, reachable
-from ._per_sample import RULES, rule_for, sums_pairs, workspace
+from ._per_sample import RULES, pair_positions, rule_for, sums_pairs, workspace
 
 #: Floats of all layers' output gradients (slots x samples x activations): 512 MiB of fp32, the most that one part
 #: of the backward pass could hold (a graph without cuts is one part). Samples are split into forward chunks first
@@ -182,13 +182,13 @@ def _untracked_rows(a: Any, batch: int) -> bool:
 
 
 class _Sizes(NamedTuple):
-    """One sample's output gradients for one slot, in floats: ``all`` layers', the ``largest`` layer's, and for each
-    unit (floats, unit, its outputs on the ``meta`` device); ``classes``: the logits' number of classes."""
+    """One sample's output gradients for one slot, in floats: ``all`` layers', the ``largest`` output's, and for each
+    unit (its outputs' floats, :func:`~hf_sp._per_sample.pair_positions`); ``classes``: the logits' classes."""
 
     all: int
     largest: int
     classes: int
-    units: list[tuple[int, Any, list[torch.Tensor]]]
+    units: list[tuple[int, int]]
 
 
 class _Unit:
@@ -223,7 +223,7 @@ class HookedFisher:
         stages."""
         self.units: list[_Unit] = []
         self.replicas: list[str] = []
-        self._sizes: dict[tuple, tuple[int, int, int]] = {}  # one sample's output gradients: all, largest; classes
+        self._sizes: dict[tuple, _Sizes] = {}  # one sample's output gradients, by input shape
         #: the autograd nodes that each unit's calls made (by id of the unit), gathered in every forward pass to
         #: check that the units' parameters are used inside their calls only (:meth:`_check_parameter_uses`; a model
         #: may take another branch on another batch)
@@ -401,11 +401,7 @@ class HookedFisher:
             outputs: dict[int, list[torch.Tensor]] = {id(u): [] for u in self.units}
 
             def record(u: _Unit, module, args, output) -> None:
-                outputs[id(u)] += [
-                    torch.empty_like(t, device="meta")
-                    for t in tree_flatten(output)[0]
-                    if isinstance(t, torch.Tensor) and t.dim() > 0
-                ]
+                outputs[id(u)] += [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.dim() > 0]
 
             hooks = [u.module.register_forward_hook(partial(record, u)) for u in self.units]
             try:
@@ -414,19 +410,21 @@ class HookedFisher:
             finally:
                 for h in hooks:
                     h.remove()
-            units = [(sum(t[0].numel() for t in outputs[id(u)]), u, outputs[id(u)]) for u in self.units]
-            sizes = [n for n, _, _ in units if n]
-            self._sizes[key] = _Sizes(max(1, sum(sizes)), max([1, *sizes]), logits.shape[-1], units)
+            floats = [t[0].numel() for outs in outputs.values() for t in outs]
+            units = [
+                (sum(t[0].numel() for t in outputs[id(u)]), pair_positions(u.rule, outputs[id(u)])) for u in self.units
+            ]
+            self._sizes[key] = _Sizes(max(1, sum(floats)), max([1, *floats]), logits.shape[-1], units)
         return self._sizes[key]
 
     def _chunk(self, x, num_slots, params, constants, logits_of) -> tuple[int, int]:
         """Samples per forward chunk and slots per group of backward passes, so that the saved output gradients stay
         within GRADIENT_BUDGET, and those of the largest layer within LAYER_BUDGET for one slot (more slots of a
         layer are split into groups where the backward pass reaches it, :meth:`_tail`) or for all of
-        them where its rule sums position pairs (whose cost each group would pay again); the chunks are made as even
-        as their number allows (sizes from :meth:`_probe`)."""
+        them where its rule sums position pairs (whose cost each group would pay again: the rule's calls are taken
+        together); the chunks are made as even as their number allows (sizes from :meth:`_probe`)."""
         sizes = self._probe(x, params, constants, logits_of)  # one sample, one slot
-        pairs = max([1, *(n for n, u, outs in sizes.units if sums_pairs(u.rule, outs, num_slots))])
+        pairs = max([1, *(n for n, positions in sizes.units if sums_pairs(positions, num_slots))])
         batch = x.shape[0]
         samples = min(
             batch,
@@ -518,8 +516,7 @@ class HookedFisher:
         """Where the backward pass starts to hold more than LAYER_BUDGET of one layer's output gradients for
         ``num_slots`` slots (an index into ``passes``; their number if nowhere), and the size of the groups of slots
         that take the passes from there on (``None``: they cannot, all passes take the slots in such groups). The
-        slots can be grouped there when the units met from there on have all their outputs there, and none of them
-        sums position pairs (whose cost each group would pay again)."""
+        slots can be grouped there when the units met from there on have all their outputs there."""
         tail = next((k for k in range(len(passes)) if self._group_size(passes[k : k + 1]) < num_slots), len(passes))
         if tail == len(passes):
             return tail, None
@@ -527,9 +524,7 @@ class HookedFisher:
         for u in self.units:
             targets = targets_of[id(u)]
             inside = [id(t) in below for t in targets]
-            if any(inside) and (
-                not all(inside) or sums_pairs(u.rule, [t.detach() for t in targets], num_slots)
-            ):
+            if any(inside) and not all(inside):
                 return tail, None
         return tail, self._group_size(passes[tail:])
 

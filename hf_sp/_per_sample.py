@@ -252,16 +252,20 @@ def _conv_weight_sq(m: nn.Conv1d | nn.Conv2d, inputs, grads, w, kernel, stride, 
     return result
 
 
-def sums_pairs(rule: Rule | None, outputs: list[torch.Tensor], num_slots: int) -> bool:
-    """Whether ``rule`` sums position pairs (:func:`_outer_sq_pairs`) for these outputs (one per call, batch first)
-    and ``num_slots`` slots: a cost that does not depend on the number of slots, so that splitting the slots into
-    groups multiplies it (per-sample gradients, and the other rules, cost the same in total either way)."""
+def pair_positions(rule: Rule | None, outputs: list[torch.Tensor]) -> int:
+    """The positions of one sample over which ``rule`` forms its per-sample squares, for these outputs (one per
+    call, batch first): the tokens of a Linear, the output pixels of a convolution; 0 for the other rules."""
     if rule is _linear:
-        positions = sum(o[0].numel() // o.shape[-1] for o in outputs)
-    elif rule is _conv:
-        positions = sum(o[0, 0].numel() for o in outputs)
-    else:
-        return False
+        return sum(o[0].numel() // o.shape[-1] for o in outputs)
+    if rule is _conv:
+        return sum(o[0, 0].numel() for o in outputs)
+    return 0
+
+
+def sums_pairs(positions: int, num_slots: int) -> bool:
+    """Whether a rule over ``positions`` (:func:`pair_positions`) sums position pairs (:func:`_outer_sq_pairs`) for
+    ``num_slots`` slots: a cost that does not depend on the number of slots, so that splitting the slots into groups
+    multiplies it (per-sample gradients, and the other rules, cost the same in total either way)."""
     return positions > 1 and not _materialize(num_slots, positions)
 
 

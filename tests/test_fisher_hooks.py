@@ -159,12 +159,14 @@ def test_gradient_budget_splits_samples_then_slots(monkeypatch, which, budget, c
 
 
 class Pyramid(nn.Module):
-    """Stages of falling resolution, as a CNN's: a stem of 64 positions, 16, then 4 (whose convolution sums position
-    pairs). ``shared``: a Linear over the channels applied in the stem and again at the top."""
+    """Stages of falling resolution, as a CNN's: a stem of 64 positions (8 channels, then 4), 16, then 4 (whose
+    convolution sums position pairs). ``shared``: a Linear over the channels applied in the stem and at the top."""
 
     def __init__(self, shared: bool = False) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Tanh())
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Tanh(), nn.Conv2d(8, 4, 1), nn.Tanh()
+        )
         self.mix = nn.Linear(4, 4) if shared else None
         self.down1 = nn.Sequential(nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.Tanh())
         self.down2 = nn.Sequential(nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.Tanh())
@@ -181,23 +183,33 @@ class Pyramid(nn.Module):
         return self.head(self._mixed(h).flatten(1))
 
 
-@pytest.mark.parametrize("shared", [False, True], ids=["stem-in-groups", "shared-layer-all-in-groups"])
-def test_layer_budget_takes_the_large_layers_slots_in_groups(monkeypatch, shared):
+@pytest.mark.parametrize("batched", [True, False], ids=["one-batched-backward", "one-backward-per-slot"])
+@pytest.mark.parametrize(
+    ("case", "budget", "chunks", "slots"),
+    [
+        ("stem-in-groups", 2 * 5 * 4 * 64, [5], {3, 1}),
+        ("shared-layer-all-in-groups", 2 * 5 * 4 * 64, [5], {1}),
+        ("one-slot-exceeds", 2 * 8 * 64, [2, 2, 1], {3, 2, 1}),  # the chunk of one sample takes 2 slots there
+    ],
+)
+def test_layer_budget_takes_the_large_layers_slots_in_groups(monkeypatch, batched, case, budget, chunks, slots):
     """A batch whose largest layers (the stem) exceed LAYER_BUDGET with all slots stays one forward chunk: the
-    backward pass takes all slots down to the stem, then the stem one group of slots at a time (the budget fits
-    2 of the K - 1 = 3 slots there). A layer used both in the stem and at the top would need the same slots at
-    both places: then the whole backward pass goes in those groups. Either way no backward pass holds more than
-    the budget of one layer's output gradients, and the Fisher is the loop's."""
+    backward pass takes all slots down to the parts that reach the stem, then those one group of slots at a time,
+    as many as the largest layer there allows (2 slots of the stem's 4-channel output for the 5 samples: the part
+    above it stops at that output; 1 slot of its 8-channel layers). A layer used both in the stem and at the top
+    would need the same slots at both places: then the whole backward pass goes in those groups. Where one slot of
+    the stem exceeds the budget the samples go in chunks. Either way no backward pass holds more than the budget of
+    one layer's output gradients, and the Fisher is the loop's."""
     monkeypatch.setattr(_fisher_hooks, "PART_FLOATS", 1)  # a part per stage
-    torch.manual_seed(0)
-    net = Pyramid(shared).double()
-    x = torch.randn(5, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    budget = 2 * 5 * 4 * 64  # two slots of the stem's output gradients for the 5 samples
+    monkeypatch.setattr(_fisher_hooks, "BATCHED_SLOTS", batched)
     monkeypatch.setattr(_fisher_hooks, "LAYER_BUDGET", budget)
-    chunks, passes = [], []
+    torch.manual_seed(0)
+    net = Pyramid(shared=case.startswith("shared")).double()
+    x = torch.randn(5, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    seen, passes = [], []
     add_chunk, backward = HookedFisher._add_chunk, HookedFisher._backward
     monkeypatch.setattr(
-        HookedFisher, "_add_chunk", lambda self, xs, *rest: chunks.append(xs.shape[0]) or add_chunk(self, xs, *rest)
+        HookedFisher, "_add_chunk", lambda self, xs, *rest: seen.append(xs.shape[0]) or add_chunk(self, xs, *rest)
     )
 
     def spy(self, start, wanted, grad, last):
@@ -207,14 +219,11 @@ def test_layer_budget_takes_the_large_layers_slots_in_groups(monkeypatch, shared
     monkeypatch.setattr(HookedFisher, "_backward", spy)
     fisher = estimate_fisher(net, [x], vectorize="hooks", progress=False, dtype=torch.float64)
     _assert_close(fisher, _reference_fisher(net, x, _exact_slots))
-    assert chunks == [5]
-    assert all(slots * largest <= budget for slots, largest in passes), passes
-    slots = [n for n, _ in passes]
-    if shared:
-        assert sorted(set(slots)) == [1, 2]
-    else:
-        # all slots from the top, then the parts that reach the stem, in a group of 2 slots and a group of 1
-        assert slots[0] == 3 and slots == sorted(slots, reverse=True) and 0 < slots.count(2) == slots.count(1)
+    assert seen == chunks
+    assert all(n * largest <= budget for n, largest in passes), passes
+    assert {n for n, _ in passes} == slots
+    if chunks == [5]:  # the slots go from all of them (the top) to groups (the parts that reach the stem), not back
+        assert [n for n, _ in passes] == sorted((n for n, _ in passes), reverse=True)
 
 
 def _per_slot_floats(engine: HookedFisher, x, params, constants) -> tuple[int, int]:
