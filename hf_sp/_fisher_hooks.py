@@ -444,7 +444,9 @@ class HookedFisher:
         The backward pass is split at the cuts of the graph (:mod:`hf_sp._graph_cuts`; a network's blocks, mostly):
         each part asks for the output gradients of the layers it crosses and for the gradient of the cut below,
         which starts the next part, and the layers whose gradients are all in are turned into squares at once, so
-        that only one part's gradients are held at a time."""
+        that only one part's gradients are held at a time. From the first part that would hold more than
+        LAYER_BUDGET of one layer's gradients on (:meth:`_tail`), the parts run one smaller group of slots at a
+        time."""
         logits, events, replaced, taps, ops = self._forward(x, params, constants, logits_of, stages=True)
         if not self._checked and x.shape[0] >= 2:
             if any(e.shared for e in events):  # copies of shared outputs, not checked yet: check, then start again
@@ -515,8 +517,9 @@ class HookedFisher:
     def _tail(self, passes, targets_of, num_slots: int) -> tuple[int, int | None]:
         """Where the backward pass starts to hold more than LAYER_BUDGET of one layer's output gradients for
         ``num_slots`` slots (an index into ``passes``; their number if nowhere), and the size of the groups of slots
-        that take the passes from there on (``None``: they cannot, all passes take the slots in such groups). The
-        slots can be grouped there when the units met from there on have all their outputs there."""
+        that take the passes from there on (``None`` where no part needs them, or where a unit has outputs on both
+        sides of that point: then all passes take the slots in such groups). The slots can be grouped from there on
+        when the units met there have all their outputs there."""
         tail = next((k for k in range(len(passes)) if self._group_size(passes[k : k + 1]) < num_slots), len(passes))
         if tail == len(passes):
             return tail, None
