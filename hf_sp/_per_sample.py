@@ -108,6 +108,7 @@ def _outer_sq_pairs(x: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> torch.
     starts = [row * length - row * (row - 1) // 2 for row in range(length + 1)]
     factor = torch.where(li == lj, 1.0, 2.0).to(x.dtype)[:, None, None]
     roots = w.sqrt()[:, :, None, None, None]
+    unweighted = bool((w == 1).all())  # the exact Fisher's slots: the gradients as they are, when laid out so
     result = x.new_zeros(groups, out_f, in_f)
     step = max(1, BLOCK // max(1, pairs * groups * max(out_f, in_f)))
     for b0 in range(0, batch, step):
@@ -115,7 +116,9 @@ def _outer_sq_pairs(x: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> torch.
         xs = x[sl]
         n = xs.shape[0]
         # contiguous, channels innermost (a convolution's gradient comes channel-major)
-        scaled = torch.mul(g[:, sl], roots[:, sl], out=_scratch("slots", (num_slots, n, length, groups, out_f), g))
+        scaled = g[:, sl]
+        if not (unweighted and scaled.is_contiguous()):
+            scaled = torch.mul(scaled, roots[:, sl], out=_scratch("slots", (num_slots, n, length, groups, out_f), g))
         gram = _scratch("gram", (n, pairs, groups, out_f), x)
         xx = _scratch("inputs", (n, pairs, groups, in_f), x)
         by_rows = num_slots <= ROW_SLOTS

@@ -240,16 +240,22 @@ def _per_slot_floats(engine: HookedFisher, x, params, constants) -> tuple[int, i
     return sum(sizes), max(sizes)
 
 
+@pytest.mark.parametrize("weights", ["weighted", "unweighted", "unweighted-strided"])
 @pytest.mark.parametrize("branch", ["pairs", "pairs-by-products", "materialize"])
 @pytest.mark.parametrize("length", [1, 3, 7])
 @pytest.mark.parametrize("block", [50, 130, 10**6], ids=["slot-by-slot", "two-slots", "one-chunk"])
-def test_outer_square_sums_both_branches(monkeypatch, branch, length, block):
+def test_outer_square_sums_both_branches(monkeypatch, branch, length, block, weights):
     """sum_{s,b} w (sum_l g x^T)^2 by the Gram-matrix pairs and by materialized per-sample gradients, in chunks of
-    one slot and sample, of two slots, and in one chunk (a per-sample gradient is 60 floats here)."""
+    one slot and sample, of two slots, and in one chunk (a per-sample gradient is 60 floats here); with weights of
+    one (the exact Fisher's slots) the pairs read the gradients in place where they are contiguous."""
     g_ = torch.Generator().manual_seed(length)
     x = torch.randn(3, length, 2, 5, dtype=torch.float64, generator=g_)
     g = torch.randn(4, 3, length, 2, 6, dtype=torch.float64, generator=g_)
+    if weights == "unweighted-strided":  # channels first, as a convolution's gradient comes
+        g = g.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
     w = torch.rand(4, 3, dtype=torch.float64, generator=g_)
+    if weights != "weighted":
+        w = torch.ones_like(w)
     monkeypatch.setattr(_per_sample, "_MATERIALIZE_PASSES", -(10**6) if branch == "materialize" else 10**6)
     monkeypatch.setattr(_per_sample, "ROW_SLOTS", 0 if branch == "pairs-by-products" else 16)
     monkeypatch.setattr(_per_sample, "BLOCK", block)
