@@ -33,7 +33,8 @@ statistics, no parameter tied between modules); :func:`hf_sp.estimate_fisher` us
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -94,6 +95,23 @@ def graph_ops(nodes: Iterable[Any]) -> set[str]:
             "model.gradient_checkpointing_disable()) or checkpoint with use_reentrant=False."
         )
     return names
+
+
+@contextmanager
+def checkpointing_refused() -> Iterator[None]:
+    """Turn torch.func's error for activation checkpointing without reentrance (its saved tensor hooks) into
+    :class:`Unsupported` with the fix: the hooks run through it, torch.func cannot."""
+    try:
+        yield
+    except RuntimeError as error:
+        if "saved tensor hooks" not in str(error):
+            raise
+        raise Unsupported(
+            "estimate_fisher: the model uses activation checkpointing (torch.utils.checkpoint with "
+            "use_reentrant=False), which torch.func cannot differentiate: it runs vectorize='samples' and 'classes', "
+            "and the hooks' layers without a rule or models they give up on. Turn it off for the estimate (timm: "
+            "model.set_grad_checkpointing(False); transformers: model.gradient_checkpointing_disable())."
+        ) from error
 
 
 class NotPerSample(RuntimeError):

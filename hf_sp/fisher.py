@@ -58,7 +58,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from ._eval_batch_norm import eval_batch_norm_for
-from ._fisher_hooks import MISBATCHED, HookedFisher, NotPerSample, graph_ops
+from ._fisher_hooks import MISBATCHED, HookedFisher, NotPerSample, checkpointing_refused, graph_ops
 from ._graph_cuts import reachable
 
 #: How :func:`estimate_fisher` vectorizes the per-sample, per-class gradients.
@@ -345,7 +345,7 @@ def estimate_fisher(
         # The fused scaled_dot_product_attention kernels have no vmap batching rule (vmap would fall back to a
         # slow per-sample loop); the math backend is made of batchable ops. BatchNorm with running statistics by its
         # formula: the CPU kernel's gradient is wrong for one sample with a non-contiguous output gradient.
-        with sdpa_kernel(SDPBackend.MATH), ExitStack() as batch_norm_mode:
+        with checkpointing_refused(), sdpa_kernel(SDPBackend.MATH), ExitStack() as batch_norm_mode:
             batch_norm_checked = False
             for batch in tqdm(batches, total=total_batches, desc="Fisher", unit="batch", disable=not progress):
                 x = _pixel_values(batch)

@@ -938,6 +938,15 @@ def test_reentrant_checkpointing_is_refused_with_the_fix(vectorize):
         estimate_fisher(Checkpointed(True).double(), [x], vectorize=vectorize, progress=False, dtype=torch.float64)
 
 
+@pytest.mark.parametrize("vectorize", ["classes", "samples"])
+def test_non_reentrant_checkpointing_on_the_torch_func_paths_is_refused_with_the_fix(vectorize):
+    """torch.func cannot differentiate through the saved tensor hooks of non-reentrant checkpointing (PyTorch's own
+    error named neither the model's checkpointing nor the fix)."""
+    x = torch.randn(3, 4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match=r"use_reentrant=False.*set_grad_checkpointing\(False\)"):
+        estimate_fisher(Checkpointed(False).double(), [x], vectorize=vectorize, progress=False, dtype=torch.float64)
+
+
 def test_non_reentrant_checkpointing_gives_the_hooks_the_loops_fisher():
     torch.manual_seed(0)
     x = torch.randn(3, 4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
