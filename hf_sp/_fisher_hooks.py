@@ -80,6 +80,13 @@ MISBATCHED = frozenset({"CdistBackward0"})
 REENTRANT = "CheckpointFunctionBackward"
 
 
+#: The fix that both checkpointing errors give.
+_CHECKPOINTING_OFF = (
+    "Turn it off for the estimate (timm: model.set_grad_checkpointing(False); transformers: "
+    "model.gradient_checkpointing_disable())"
+)
+
+
 class Unsupported(ValueError):
     """A model that no path of the Fisher can take per sample."""
 
@@ -90,9 +97,8 @@ def graph_ops(nodes: Iterable[Any]) -> set[str]:
     if REENTRANT in names:
         raise Unsupported(
             "estimate_fisher: the model uses reentrant activation checkpointing (torch.utils.checkpoint with "
-            "use_reentrant=True), whose recomputed forward pass no per-sample path can differentiate. Turn it off "
-            "for the estimate (timm: model.set_grad_checkpointing(False); transformers: "
-            "model.gradient_checkpointing_disable()) or checkpoint with use_reentrant=False."
+            f"use_reentrant=True), whose recomputed forward pass no per-sample path can differentiate. {_CHECKPOINTING_OFF} "
+            "or checkpoint with use_reentrant=False."
         )
     return names
 
@@ -109,8 +115,7 @@ def checkpointing_refused() -> Iterator[None]:
         raise Unsupported(
             "estimate_fisher: the model uses activation checkpointing (torch.utils.checkpoint with "
             "use_reentrant=False), which torch.func cannot differentiate: it runs vectorize='samples' and 'classes', "
-            "and the hooks' layers without a rule or models they give up on. Turn it off for the estimate (timm: "
-            "model.set_grad_checkpointing(False); transformers: model.gradient_checkpointing_disable())."
+            f"and the hooks' layers without a rule or models they give up on. {_CHECKPOINTING_OFF}."
         ) from error
 
 

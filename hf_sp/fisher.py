@@ -346,16 +346,14 @@ def estimate_fisher(
         # slow per-sample loop); the math backend is made of batchable ops. BatchNorm with running statistics by its
         # formula: the CPU kernel's gradient is wrong for one sample with a non-contiguous output gradient.
         with checkpointing_refused(), sdpa_kernel(SDPBackend.MATH), ExitStack() as batch_norm_mode:
-            batch_norm_checked = False
             for batch in tqdm(batches, total=total_batches, desc="Fisher", unit="batch", disable=not progress):
                 x = _pixel_values(batch)
                 x = x.to(device=device, dtype=input_dtype if x.is_floating_point() else None)
                 if x.dim() == 0 or x.shape[0] == 0:
                     continue
-                if not batch_norm_checked:  # on the first sample: whether the model normalizes by running statistics
+                if num_samples == 0:  # the first sample: whether the model normalizes by running statistics
                     one = partial(functional_call, model, (params, constants), (x[:1],))
                     batch_norm_mode.enter_context(eval_batch_norm_for(model, one))
-                    batch_norm_checked = True
                 num_samples += x.shape[0]
                 drawn: list[tuple[torch.Tensor, torch.Tensor]] = []  # this batch's (labels, weights), once drawn
                 if hooked is not None:
