@@ -13,7 +13,9 @@
 
 ``--dry-run`` runs every section on the CPU with tiny models (the sharded engines are then reported as skipped
 and a plain single-process run checks resume and loading): the suite tests it. Writes ``gpu_check.json`` and
-``gpu_check.md``; nothing here asserts on a time.
+``gpu_check.md`` after each section (``meta.complete`` is false until all have run), so a run stopped at a time
+limit keeps what it measured; a section, or one model of it, that raises is recorded with its error and the
+others go on. ``--sections`` runs some of them. Nothing here asserts on a time.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,9 +44,21 @@ __all__ = ["main", "run_check"]
 
 ENGINES = ("fsdp2", "deepspeed_zero3")
 
+#: The sections in the order they run: name on the command line -> key in the results.
+SECTIONS = {"step": "step_time", "penalty": "penalty", "sharded": "sharded"}
+
+#: Seconds an engine's run (its own process: uninterrupted, resumed, loaded) may take.
+ENGINE_TIMEOUT_S = 300
+
 
 def _log(message: str) -> None:
     print(f"[gpu_check {datetime.now().strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _failure(what: str, error: BaseException) -> dict[str, str]:
+    """The record of a part that raised: its error and the end of its traceback."""
+    _log(f"{what} failed: {type(error).__name__}: {error}")
+    return {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()[-3000:]}
 
 
 def _sync(device: torch.device) -> None:
@@ -127,12 +142,16 @@ def step_times(plan: dict[str, Any], device: torch.device) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for model in plan["models"]:
         for precision in plan["precisions"]:
-            runs: dict[str, list[float]] = {"sp": [], "baseline": []}
-            for _ in range(plan["repeats"]):
-                for mode in ("sp", "baseline"):
-                    runs[mode].append(_train_steps(model, mode == "sp", precision, plan, device)["median_s"])
-            sp, base = statistics.median(runs["sp"]), statistics.median(runs["baseline"])
             key = f"{model}/{precision}"
+            runs: dict[str, list[float]] = {"sp": [], "baseline": []}
+            try:
+                for _ in range(plan["repeats"]):
+                    for mode in ("sp", "baseline"):
+                        runs[mode].append(_train_steps(model, mode == "sp", precision, plan, device)["median_s"])
+            except Exception as error:  # noqa: BLE001 - recorded, the other models and precisions go on
+                out[key] = {**_failure(f"step {key}", error), "runs": runs}
+                continue
+            sp, base = statistics.median(runs["sp"]), statistics.median(runs["baseline"])
             out[key] = {"sp_s": sp, "baseline_s": base, "overhead_pct": 100 * (sp / base - 1), "runs": runs}
             _log(f"step {key}: SP {sp * 1e3:.1f} ms, Trainer {base * 1e3:.1f} ms ({out[key]['overhead_pct']:+.2f}%)")
     return out
@@ -160,64 +179,85 @@ def _bandwidth(device: torch.device, iters: int) -> float:
 
 
 def penalty_times(plan: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    bandwidth = _bandwidth(device, plan["penalty_iters"])
+    out: dict[str, Any] = {"bandwidth_GB_per_s": bandwidth / 1e9}
+    for name in plan["models"]:
+        try:
+            out[name] = _penalty_for(name, plan, device, bandwidth)
+        except Exception as error:  # noqa: BLE001 - recorded, the other models go on
+            out[name] = _failure(f"penalty {name}", error)
+    return out
+
+
+def _penalty_for(name: str, plan: dict[str, Any], device: torch.device, bandwidth: float) -> dict[str, Any]:
+    """SP's step hook, eager and compiled (``sp_compile``), against the per-tensor loop and the floor, on ``name``'s
+    anchored parameters (random gradients). A compiler failure is recorded beside the eager figures."""
     from hf_sp import split_parameters
     from hf_sp.regularizer import ANCHOR_KEY, SPRegularizer
     from hf_sp_research.benchmark import FLOOR_BYTES_PER_ENTRY, NullOptimizer, create_wrapped_model
 
-    bandwidth = _bandwidth(device, plan["penalty_iters"])
-    out: dict[str, Any] = {"bandwidth_GB_per_s": bandwidth / 1e9}
-    for name in plan["models"]:
-        model = create_wrapped_model(name, 10, plan["image_size"], 0).to(device)
-        split = split_parameters(model)
-        anchored = [model.get_parameter(n) for n in split.anchored]
-        for p in model.parameters():
-            p.grad = torch.randn_like(p)
+    model = create_wrapped_model(name, 10, plan["image_size"], 0).to(device)
+    split = split_parameters(model)
+    anchored = [model.get_parameter(n) for n in split.anchored]
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+
+    def stepper(compile: bool) -> tuple[NullOptimizer, SPRegularizer]:
         optimizer = NullOptimizer(model.parameters())
-        reg = SPRegularizer("l2_sp", alpha=0.1, beta=0.01, split=split)
+        reg = SPRegularizer("l2_sp", alpha=0.1, beta=0.01, split=split, compile=compile)
         reg.prepare_optimizer(optimizer, model.named_parameters())
         reg.capture_allowed = True
-        optimizer.step()
-        # the same with the compiled kernel (sp_compile), on its own anchors; its first step compiles
-        compiled_optimizer = NullOptimizer(model.parameters())
-        compiled_reg = SPRegularizer("l2_sp", alpha=0.1, beta=0.01, split=split, compile=True)
-        compiled_reg.prepare_optimizer(compiled_optimizer, model.named_parameters())
-        compiled_reg.capture_allowed = True
+        return optimizer, reg
+
+    optimizer, reg = stepper(compile=False)
+    optimizer.step()
+    compiled, compiled_failure, first_step_s = None, None, 0.0
+    try:  # the compiled kernel (sp_compile), on its own anchors; its first step compiles
+        compiled = stepper(compile=True)
         t0 = time.perf_counter()
-        compiled_optimizer.step()
+        compiled[0].step()
         _sync(device)
-        compile_s = time.perf_counter() - t0
-        with torch.no_grad():
-            for p in anchored:
-                p.add_(torch.randn_like(p), alpha=0.01)
-        anchors = [optimizer.state[p][ANCHOR_KEY] for p in anchored]
+        first_step_s = time.perf_counter() - t0
+    except Exception as error:  # noqa: BLE001 - a missing or failing compiler toolchain: the eager figures stand
+        compiled, compiled_failure = None, _failure(f"penalty {name}, sp_compile", error)
+    with torch.no_grad():
+        for p in anchored:
+            p.add_(torch.randn_like(p), alpha=0.01)
+    anchors = [optimizer.state[p][ANCHOR_KEY] for p in anchored]
 
-        def loop(anchored=anchored, anchors=anchors) -> None:
-            sum(0.5 * torch.norm(p - p0) ** 2 for p, p0 in zip(anchored, anchors, strict=True)).backward()
+    def loop() -> None:
+        sum(0.5 * torch.norm(p - p0) ** 2 for p, p0 in zip(anchored, anchors, strict=True)).backward()
 
-        hook_s = _time(optimizer.step, device, plan["penalty_iters"])
-        compiled_s = _time(compiled_optimizer.step, device, plan["penalty_iters"])
-        loop_s = _time(loop, device, plan["penalty_iters"])
-        reg.pop_metrics()
-        compiled_reg.pop_metrics()
-        entries = sum(p.numel() for p in anchored)
-        floor_s = FLOOR_BYTES_PER_ENTRY * entries / bandwidth
-        out[name] = {
-            "anchored_numel": entries,
-            "step_hook_s": hook_s,
-            "autograd_loop_s": loop_s,
-            "floor_s": floor_s,
-            "step_hook_x_floor": hook_s / floor_s,
-            "speedup_vs_loop": loop_s / hook_s,
-            "compiled_step_hook_s": compiled_s,
-            "compiled_step_hook_x_floor": compiled_s / floor_s,
-            "compiled_first_step_s": compile_s,
-        }
-        _log(
-            f"penalty {name}: step hook {hook_s * 1e3:.2f} ms ({hook_s / floor_s:.2f}x floor), sp_compile "
-            f"{compiled_s * 1e3:.2f} ms ({compiled_s / floor_s:.2f}x floor, first step {compile_s:.0f} s), loop "
-            f"{loop_s * 1e3:.2f} ms ({loop_s / hook_s:.2f}x slower)"
-        )
-        del model, optimizer, reg, compiled_optimizer, compiled_reg, anchored, anchors
+    hook_s = _time(optimizer.step, device, plan["penalty_iters"])
+    loop_s = _time(loop, device, plan["penalty_iters"])
+    reg.pop_metrics()
+    entries = sum(p.numel() for p in anchored)
+    floor_s = FLOOR_BYTES_PER_ENTRY * entries / bandwidth
+    out: dict[str, Any] = {
+        "anchored_numel": entries,
+        "step_hook_s": hook_s,
+        "autograd_loop_s": loop_s,
+        "floor_s": floor_s,
+        "step_hook_x_floor": hook_s / floor_s,
+        "speedup_vs_loop": loop_s / hook_s,
+    }
+    _log(
+        f"penalty {name}: step hook {hook_s * 1e3:.2f} ms ({hook_s / floor_s:.2f}x floor), loop "
+        f"{loop_s * 1e3:.2f} ms ({loop_s / hook_s:.2f}x slower)"
+    )
+    if compiled is None:
+        return {**out, "compiled": compiled_failure}
+    compiled_s = _time(compiled[0].step, device, plan["penalty_iters"])
+    compiled[1].pop_metrics()
+    out.update(
+        compiled_step_hook_s=compiled_s,
+        compiled_step_hook_x_floor=compiled_s / floor_s,
+        compiled_first_step_s=first_step_s,
+    )
+    _log(
+        f"penalty {name}: sp_compile {compiled_s * 1e3:.2f} ms ({compiled_s / floor_s:.2f}x floor, first step "
+        f"{first_step_s:.0f} s)"
+    )
     return out
 
 
@@ -324,7 +364,9 @@ def _sharded_child(engine: str, out_dir: str, device_type: str) -> dict[str, Any
     }
 
 
-def sharded(device: torch.device) -> dict[str, Any]:
+def sharded(plan: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """FSDP2 and DeepSpeed ZeRO-3 on CUDA, a plain single-process run elsewhere (``plan`` is not used: the
+    engines train their own small ViT)."""
     out: dict[str, Any] = {}
     engines = list(ENGINES) if device.type == "cuda" else []
     if device.type != "cuda":
@@ -341,75 +383,134 @@ def sharded(device: torch.device) -> dict[str, Any]:
             result_path = Path(tmp) / "result.json"
             cmd = [sys.executable, "-m", "hf_sp_research.gpu_check", "--sharded-child", engine, tmp, device.type]
             t0 = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=300)
-            if proc.returncode == 0 and result_path.is_file():
-                out[engine] = json.loads(result_path.read_text())
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=ENGINE_TIMEOUT_S)
+            except subprocess.TimeoutExpired as error:
+                parts = (error.stdout, error.stderr)
+                log = "".join(t.decode(errors="replace") if isinstance(t, bytes) else t or "" for t in parts)
+                out[engine] = {"status": f"timed out ({ENGINE_TIMEOUT_S} s)", "log_tail": log[-3000:]}
             else:
-                out[engine] = {
-                    "status": f"failed ({proc.returncode})",
-                    "log_tail": (proc.stdout + proc.stderr)[-3000:],
-                }
+                if proc.returncode == 0 and result_path.is_file():
+                    out[engine] = json.loads(result_path.read_text())
+                else:
+                    log = proc.stdout + proc.stderr
+                    out[engine] = {"status": f"failed ({proc.returncode})", "log_tail": log[-3000:]}
             out[engine]["seconds"] = time.perf_counter() - t0
         _log(f"sharded {engine}: {out[engine]['status']}")
     return out
 
 
 # ------------------------------------------------------------------------------------------------
+def _failed(r: Any) -> str | None:
+    return r.get("error") if isinstance(r, dict) else None
+
+
 def render_markdown(result: dict[str, Any]) -> str:
+    """``gpu_check.md``: the sections that ran, each part that failed with its error."""
     meta = result["meta"]
+    duration = f"{meta['duration_s'] / 60:.1f} min" if "duration_s" in meta else "stopped before its end"
     lines = [
         "# hf_sp GPU check",
         "",
         f"Command: `{meta['command']}`",
         "",
-        f"Device: {meta['device']}; torch {meta['machine']['torch']}, transformers {meta['machine']['transformers']}. "
-        f"{meta['duration_s'] / 60:.1f} min.",
+        f"Device: {meta['device']}; torch {meta['machine']['torch']}, transformers {meta['machine']['transformers']}, "
+        f"accelerate {meta['accelerate']}, deepspeed {meta['deepspeed']}. {duration}.",
         "",
     ]
     if meta["dry_run"]:
         lines += ["**Dry run on the CPU with tiny models: the numbers only show that every section runs.**", ""]
-    lines += [
-        "## 1. Step time: SPTrainer (l2_sp) vs Trainer",
-        "",
-        "| model / precision | Trainer | SPTrainer | overhead |",
-    ]
-    lines += ["|---|---:|---:|---:|"]
-    for key, r in result["step_time"].items():
-        lines.append(
-            f"| {key} | {r['baseline_s'] * 1e3:.1f} ms | {r['sp_s'] * 1e3:.1f} ms | {r['overhead_pct']:+.2f}% |"
-        )
-    pen = result["penalty"]
-    lines += [
-        "",
-        f"## 2. The penalty alone (bandwidth {pen['bandwidth_GB_per_s']:.0f} GB/s)",
+    if not meta["complete"]:
+        ran = ", ".join(k for k in SECTIONS.values() if k in result) or "none"
+        lines += [f"**Incomplete: sections written so far: {ran}.**", ""]
+    for key, title, render in (
+        ("step_time", "## 1. Step time: SPTrainer (l2_sp) vs Trainer", _render_steps),
+        ("penalty", "## 2. The penalty alone", _render_penalty),
+        ("sharded", "## 3. Sharded engines at world size 1 (l2_sp)", _render_sharded),
+    ):
+        if key not in result:
+            continue
+        lines += [title, ""]
+        section = result[key]
+        lines += [f"Failed: `{_failed(section)}`"] if _failed(section) else render(section)
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _render_steps(section: dict[str, Any]) -> list[str]:
+    lines = ["| model / precision | Trainer | SPTrainer | overhead |", "|---|---:|---:|---:|"]
+    for key, r in section.items():
+        if _failed(r):
+            lines.append(f"| {key} | failed: `{_failed(r)}` | | |")
+            continue
+        times = f"{r['baseline_s'] * 1e3:.1f} ms | {r['sp_s'] * 1e3:.1f} ms"
+        lines.append(f"| {key} | {times} | {r['overhead_pct']:+.2f}% |")
+    return lines
+
+
+def _render_penalty(section: dict[str, Any]) -> list[str]:
+    lines = [
+        f"Bandwidth {section['bandwidth_GB_per_s']:.0f} GB/s.",
         "",
         "| model | anchored entries | step hook | x floor | step hook, sp_compile (first step) | x floor "
         "| autograd loop | speed-up |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, r in pen.items():
-        if isinstance(r, dict):
-            lines.append(
-                f"| {name} | {r['anchored_numel'] / 1e6:.1f} M | {r['step_hook_s'] * 1e3:.2f} ms "
-                f"| {r['step_hook_x_floor']:.2f}x | {r['compiled_step_hook_s'] * 1e3:.2f} ms "
-                f"({r['compiled_first_step_s']:.0f} s) | {r['compiled_step_hook_x_floor']:.2f}x "
-                f"| {r['autograd_loop_s'] * 1e3:.2f} ms | {r['speedup_vs_loop']:.2f}x |"
-            )
-    lines += ["", "## 3. Sharded engines at world size 1 (l2_sp)", "", "| engine | status | resume == uninterrupted "]
-    lines[-1] += "(max abs diff) | loads in transformers |"
-    lines += ["|---|---|---|---|"]
-    for engine, r in result["sharded"].items():
+    for name, r in section.items():
+        if not isinstance(r, dict):
+            continue
+        if _failed(r):
+            lines.append(f"| {name} | failed: `{_failed(r)}` | | | | | | |")
+            continue
+        compiled = (
+            f"{r['compiled_step_hook_s'] * 1e3:.2f} ms ({r['compiled_first_step_s']:.0f} s) "
+            f"| {r['compiled_step_hook_x_floor']:.2f}x"
+            if "compiled_step_hook_s" in r
+            else f"failed: `{_failed(r['compiled'])}` | -"
+        )
+        lines.append(
+            f"| {name} | {r['anchored_numel'] / 1e6:.1f} M | {r['step_hook_s'] * 1e3:.2f} ms "
+            f"| {r['step_hook_x_floor']:.2f}x | {compiled} | {r['autograd_loop_s'] * 1e3:.2f} ms "
+            f"| {r['speedup_vs_loop']:.2f}x |"
+        )
+    return lines
+
+
+def _render_sharded(section: dict[str, Any]) -> list[str]:
+    lines = ["| engine | status | resume == uninterrupted (max abs diff) | loads in transformers |"]
+    lines.append("|---|---|---|---|")
+    for engine, r in section.items():
         if r.get("status") == "ok":
-            lines.append(
-                f"| {engine} | ok | {r['resume_equal']} ({r['resume_max_abs_diff']:.1e}) | {r['loads_in_transformers']} |"
-            )
+            resume = f"{r['resume_equal']} ({r['resume_max_abs_diff']:.1e})"
+            lines.append(f"| {engine} | ok | {resume} | {r['loads_in_transformers']} |")
         else:
             lines.append(f"| {engine} | {r['status']} | - | - |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
-def run_check(out_dir: str | os.PathLike, dry_run: bool, command: str) -> dict[str, Any]:
-    """Run the three sections, write ``gpu_check.json`` and ``gpu_check.md`` in ``out_dir``."""
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def _write(out: Path, result: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_check.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "gpu_check.md").write_text(render_markdown(result))
+
+
+def run_check(
+    out_dir: str | os.PathLike, dry_run: bool, command: str, sections: Sequence[str] = tuple(SECTIONS)
+) -> dict[str, Any]:
+    """Run ``sections`` (names of :data:`SECTIONS`), writing ``gpu_check.json`` and ``gpu_check.md`` in ``out_dir``
+    after each one."""
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"sections: unknown {unknown}; choose from {list(SECTIONS)}.")
     if not dry_run and not torch.cuda.is_available():
         raise SystemExit("No CUDA device: run with --dry-run to check the script on the CPU.")
     device = torch.device("cuda" if not dry_run else "cpu")
@@ -422,19 +523,26 @@ def run_check(out_dir: str | os.PathLike, dry_run: bool, command: str) -> dict[s
             "command": command,
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": machine_info(),
+            "accelerate": _version("accelerate"),
+            "deepspeed": _version("deepspeed"),
             "device": name,
             "dry_run": dry_run,
+            "sections": [s for s in SECTIONS if s in sections],
+            "complete": False,
         },
         "plan": plan,
     }
-    result["step_time"] = step_times(plan, device)
-    result["penalty"] = penalty_times(plan, device)
-    result["sharded"] = sharded(device)
-    result["meta"]["duration_s"] = time.perf_counter() - t0
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "gpu_check.md").write_text(render_markdown(result))
+    runs = {"step": step_times, "penalty": penalty_times, "sharded": sharded}
+    for section in result["meta"]["sections"]:
+        try:
+            result[SECTIONS[section]] = runs[section](plan, device)
+        except Exception as error:  # noqa: BLE001 - recorded; the next section goes on
+            result[SECTIONS[section]] = _failure(f"section {section}", error)
+        _write(out, result)
+    result["meta"]["duration_s"] = time.perf_counter() - t0
+    result["meta"]["complete"] = True
+    _write(out, result)
     _log(f"done in {result['meta']['duration_s'] / 60:.1f} min: {out / 'gpu_check.md'}")
     return result
 
@@ -444,8 +552,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "scripts/gpu_check.py") 
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="results/gpu_check", help="folder for gpu_check.json / gpu_check.md")
     parser.add_argument("--dry-run", action="store_true", help="every section on the CPU with tiny models")
+    parser.add_argument(
+        "--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS), help="the sections to run, in order"
+    )
     args = parser.parse_args(argv)
-    return run_check(args.out, args.dry_run, " ".join(["python", prog, *map(shlex.quote, argv)]))
+    return run_check(args.out, args.dry_run, " ".join(["python", prog, *map(shlex.quote, argv)]), args.sections)
 
 
 if __name__ == "__main__":

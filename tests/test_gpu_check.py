@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from hf_sp_research.gpu_check import ENGINES, main
 
@@ -31,3 +32,56 @@ def test_dry_run_writes_every_section(tmp_path):
     for engine in ENGINES:
         assert saved["sharded"][engine]["status"].startswith("skipped")
         assert engine in md
+
+
+def test_each_section_is_written_as_it_ends_and_a_failure_is_recorded(tmp_path, monkeypatch):
+    """A run stopped at a time limit keeps the sections before it: the files are written after each one (``complete``
+    false until the end); a section that raises is recorded with its error and the next one still runs."""
+    from hf_sp_research import gpu_check
+
+    seen = {}
+
+    def broken(plan, device):
+        raise RuntimeError("no kernel image is available")
+
+    def penalty(plan, device):
+        seen.update(json.loads((tmp_path / "gpu_check.json").read_text()))
+        return {"bandwidth_GB_per_s": 1.0}
+
+    monkeypatch.setattr(gpu_check, "step_times", broken)
+    monkeypatch.setattr(gpu_check, "penalty_times", penalty)
+    result = main(["--dry-run", "--out", str(tmp_path), "--sections", "step", "penalty"])
+    assert not seen["meta"]["complete"] and "penalty" not in seen
+    assert seen["step_time"]["error"] == "RuntimeError: no kernel image is available"
+    assert "broken" in seen["step_time"]["traceback"]
+    assert result["meta"]["complete"] and result["meta"]["sections"] == ["step", "penalty"]
+    assert "sharded" not in result
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "Failed: `RuntimeError: no kernel image is available`" in md and "## 2. The penalty alone" in md
+    assert "## 3." not in md and "Incomplete" not in md
+
+
+def test_a_failing_compiler_keeps_the_eager_penalty_figures(monkeypatch):
+    from hf_sp import regularizer
+    from hf_sp_research import gpu_check
+
+    class NoCompiler(regularizer.SPRegularizer):
+        def __init__(self, *args, compile: bool = False, **kwargs):
+            if compile:
+                raise RuntimeError("no C++ compiler")
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(regularizer, "SPRegularizer", NoCompiler)
+    plan = {**gpu_check._plan(dry_run=True), "models": ["test_resnet"], "penalty_iters": 1}
+    out = gpu_check.penalty_times(plan, torch.device("cpu"))["test_resnet"]
+    assert out["step_hook_s"] > 0 and out["autograd_loop_s"] > 0 and "compiled_step_hook_s" not in out
+    assert out["compiled"]["error"] == "RuntimeError: no C++ compiler"
+    md = gpu_check._render_penalty({"bandwidth_GB_per_s": 1.0, "test_resnet": out})
+    assert "failed: `RuntimeError: no C++ compiler`" in md[-1]
+
+
+def test_an_unknown_section_is_refused_by_name(tmp_path):
+    from hf_sp_research.gpu_check import run_check
+
+    with pytest.raises(ValueError, match=r"sections: unknown \['fisher'\]"):
+        run_check(tmp_path, dry_run=True, command="x", sections=["step", "fisher"])
