@@ -103,14 +103,19 @@ def graph_ops(nodes: Iterable[Any]) -> set[str]:
     return names
 
 
+#: What torch.func's errors for activation checkpointing without reentrance say: its saved tensor hooks (torch
+#: 2.14), or, before, the autograd function that the checkpoint saves its inputs with (torch 2.11).
+_CHECKPOINTING_ERRORS = ("saved tensor hooks", "_NoopSaveInputs")
+
+
 @contextmanager
 def checkpointing_refused() -> Iterator[None]:
-    """Turn torch.func's error for activation checkpointing without reentrance (its saved tensor hooks) into
+    """Turn torch.func's error for activation checkpointing without reentrance (:data:`_CHECKPOINTING_ERRORS`) into
     :class:`Unsupported` with the fix: the hooks run through it, torch.func cannot."""
     try:
         yield
     except RuntimeError as error:
-        if "saved tensor hooks" not in str(error):
+        if not any(marker in str(error) for marker in _CHECKPOINTING_ERRORS):
             raise
         raise Unsupported(
             "estimate_fisher: the model uses activation checkpointing (torch.utils.checkpoint with "
