@@ -10,6 +10,8 @@ from hf_sp import regularizer as reg_module
 from hf_sp import split_parameters
 from hf_sp.regularizer import ANCHOR_KEY, MissingAnchorError, SPRegularizer
 
+torch_version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+
 
 class Net(nn.Module):
     def __init__(self, dtype=torch.float32):
@@ -187,8 +189,10 @@ def test_compiled_step_equals_the_eager_kernels(mode, dtype, fresh_compiler):
         runs.append(([p.detach().float().clone() for p in model.parameters()], reg.pop_metrics()))
     (eager, eager_metrics), (compiled, compiled_metrics) = runs
     # bf16: both round the penalty's gradient to bf16 before adding it (emulate_precision_casts), so they agree
-    # bit for bit; fp32 may differ by the rounding of a fused multiply-add
-    tol = 0.0 if dtype == torch.bfloat16 else 1e-6
+    # bit for bit (torch 2.14; 2.11's inductor rounds once, 1 ulp away in 2 of the 20 entries); fp32 may differ by
+    # the rounding of a fused multiply-add
+    bf16_tol = 0.0 if torch_version >= (2, 14) else 2.0**-8
+    tol = bf16_tol if dtype == torch.bfloat16 else 1e-6
     for a, b in zip(eager, compiled, strict=True):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
     assert eager_metrics.keys() == compiled_metrics.keys()
