@@ -168,6 +168,8 @@ class SPRegularizer:
         self._window = torch.zeros(3, dtype=torch.float64)
         self._window_steps = 0
         self._hooked: set[int] = set()
+        #: Whether the state holds placeholders of :meth:`_fill_empty_state` that a load may not have replaced yet.
+        self._placeholders = False
 
     # ----------------------------------------------------------------------------------------
     # Optimizer wiring
@@ -236,15 +238,17 @@ class SPRegularizer:
                 )
 
     def missing_anchors(self, optimizer: torch.optim.Optimizer) -> list[str]:
-        """Names of anchored parameters whose optimizer state has no anchor."""
+        """Names of anchored parameters whose optimizer state has no anchor (or still a placeholder of
+        :meth:`_fill_empty_state`: the anchor, or the Fisher, that a checkpoint did not replace)."""
+        keys = (ANCHOR_KEY, FISHER_KEY) if self.info.needs_fisher else (ANCHOR_KEY,)
         missing = []
         for group in optimizer.param_groups:
             if group.get(ROLE_KEY) == "anchored":
-                missing += [
-                    n or "?"
-                    for n, p in zip(group[NAMES_KEY], group["params"], strict=True)
-                    if ANCHOR_KEY not in optimizer.state[p]
-                ]
+                for n, p in zip(group[NAMES_KEY], group["params"], strict=True):
+                    state = optimizer.state[p]
+                    left = self._placeholders and any(bool(_local(state[k]).isnan().any()) for k in keys if k in state)
+                    if ANCHOR_KEY not in state or left:
+                        missing.append(n or "?")
         return missing
 
     # ----------------------------------------------------------------------------------------
@@ -323,6 +327,40 @@ class SPRegularizer:
                     if ANCHOR_KEY not in optimizer.state.get(p, {}) and p not in self._pending:
                         self._capture(name, p)
 
+    def _fills_empty_state(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether this step is the one that ``torch.distributed.checkpoint`` takes to fill an empty optimizer
+        state before it saves or loads one (``_init_optim_state``; accelerate's FSDP2 checkpoints): the state empty
+        (no anchor taken yet), every learning rate and every gradient zero. It moves nothing, and must take no
+        anchor (on a resume, the checkpoint's are loaded next), add nothing and record nothing. A real first step
+        with a learning rate of zero (a warm-up's) has gradients. The gradients' check is summed over ranks, so that
+        every rank decides alike; it runs only where the rest holds, and after the first step the state is not
+        empty: one look."""
+        groups = optimizer.param_groups
+        if optimizer.state or self._pending or any(float(g["lr"]) != 0.0 for g in groups if "lr" in g):
+            return False
+        grads = [_local(p.grad) for g in groups for p in g["params"] if p.grad is not None]
+        nonzero = torch.tensor(float(any(bool(t.any()) for t in grads)), device=_local(_first_param(optimizer)).device)
+        if self.all_reduce is not None:
+            nonzero = self.all_reduce(nonzero)
+        return not bool(nonzero)
+
+    def _fill_empty_state(self, optimizer: torch.optim.Optimizer) -> None:
+        """Anchors for the state that torch.distributed.checkpoint fills (:meth:`_fills_empty_state`), since a load
+        fills only the keys of that state: taken from the weights where capture is allowed (no step was taken: they
+        are the pretrained ones), else placeholders of NaN, sharded like the parameters, that the checkpoint's
+        anchors replace. One that is left counts as missing (:meth:`missing_anchors`) and is refused at the next
+        step."""
+        if self.capture_allowed:
+            self._capture_all(optimizer)
+            return
+        keys = (ANCHOR_KEY, FISHER_KEY) if self.info.needs_fisher else (ANCHOR_KEY,)
+        for group in optimizer.param_groups:
+            if group.get(ROLE_KEY) == "anchored":
+                for p in group["params"]:
+                    dtype = _compute_dtype(p.dtype)
+                    self._pending[p] = {k: torch.full_like(p, float("nan"), dtype=dtype) for k in keys}
+        self._placeholders = True
+
     @torch.no_grad()
     def _pre_step(self, optimizer, args, kwargs) -> None:
         # GradScaler hands optimizers that unscale in their own kernel (fused AdamW / SGD: _step_supports_amp_scaling)
@@ -332,6 +370,18 @@ class SPRegularizer:
         found_inf = getattr(optimizer, "found_inf", None)
         if found_inf is not None and bool(found_inf):
             return
+        if self._fills_empty_state(optimizer):
+            self._fill_empty_state(optimizer)
+            return
+        if self._placeholders:  # the first step after a load into a filled state: the anchors must be the checkpoint's
+            missing = self.missing_anchors(optimizer)
+            if missing:
+                raise MissingAnchorError(
+                    f"The optimizer state holds no starting-point anchor for {missing[0]!r} ({len(missing)} in all): "
+                    "the checkpoint it was loaded from was not written with this penalty. Resume from a checkpoint "
+                    "written by SPTrainer with the same sp_penalty."
+                )
+            self._placeholders = False
         if getattr(optimizer, "grad_scale", None) is not None and self.mode == "gradient":
             _unscale_grads(optimizer)
         if self.capture_allowed:

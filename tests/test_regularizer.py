@@ -22,12 +22,12 @@ class Net(nn.Module):
         self.classifier = nn.Linear(4, 3).to(dtype)
 
 
-def setup(penalty="l2_sp", dtype=torch.float32, **kwargs):
+def setup(penalty="l2_sp", dtype=torch.float32, momentum=0.0, **kwargs):
     model = Net(dtype)
     split = split_parameters(model, head_modules=["classifier"])
     reg = SPRegularizer(penalty, alpha=0.5, beta=0.25, split=split, **kwargs)
     reg.capture_allowed = True
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum)
     reg.prepare_optimizer(opt, model.named_parameters())
     return model, reg, opt
 
@@ -229,3 +229,63 @@ def test_anchor_and_fisher_take_the_parameters_memory_layout():
     assert not conv.weight.is_contiguous() and conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert state[ANCHOR_KEY].stride() == state["sp_fisher"].stride() == conv.weight.stride()
     torch.testing.assert_close(state["sp_fisher"], fisher["0.weight"], rtol=0, atol=0)
+
+
+# torch.distributed.checkpoint fills an empty optimizer state with one step (every gradient and learning rate zero)
+# before it saves or loads one: accelerate's FSDP2 checkpoints go through it.
+def test_a_state_filled_before_the_first_step_holds_the_pretrained_anchors_and_no_record():
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    model, reg, opt = setup()
+    pretrained = model.body.weight.detach().clone()
+    saved = get_optimizer_state_dict(model, opt)
+    assert torch.equal(saved["state"]["body.weight"][ANCHOR_KEY], pretrained)
+    assert reg.pop_metrics() == {}  # the fill is no step of the run
+    torch.testing.assert_close(model.body.weight.detach(), pretrained)
+    with torch.no_grad():
+        model.body.weight.add_(1.0)
+    step_with_grads(model, opt)
+    assert reg.pop_metrics()["sp_dist"] == pytest.approx(30**0.5, rel=1e-6)
+
+
+def test_a_warm_up_step_at_learning_rate_zero_is_a_step_of_the_run():
+    model, reg, opt = setup()
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+    step_with_grads(model, opt, value=1.0)
+    assert ANCHOR_KEY in opt.state[model.body.weight]
+    assert reg.pop_metrics()["sp_head"] > 0
+
+
+def _checkpoint():
+    """Model and optimizer state of a run two steps in, the weights moved off their anchors."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model, reg, opt = setup(momentum=0.9)  # every tensor has a state to save
+    step_with_grads(model, opt)
+    with torch.no_grad():
+        model.body.weight.add_(0.3)
+    step_with_grads(model, opt)
+    return get_state_dict(model, opt), opt.state[model.body.weight][ANCHOR_KEY].clone()
+
+
+@pytest.mark.parametrize("with_anchors", [True, False])
+def test_a_load_through_a_filled_state_keeps_the_checkpoints_anchors_or_refuses(with_anchors):
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    (model_sd, optim_sd), anchor = _checkpoint()
+    if not with_anchors:  # a checkpoint of a run without SP
+        for entry in optim_sd["state"].values():
+            entry.pop(ANCHOR_KEY, None)
+    model, reg, opt = setup(momentum=0.9)
+    reg.capture_allowed = False  # a resume: the anchors must come from the checkpoint
+    set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    if with_anchors:
+        assert reg.missing_anchors(opt) == []
+        assert torch.equal(opt.state[model.body.weight][ANCHOR_KEY], anchor)
+        step_with_grads(model, opt)
+        assert reg.pop_metrics()["sp_dist"] > 0
+    else:
+        assert reg.missing_anchors(opt) == ["body.weight", "conv.weight"]
+        with pytest.raises(MissingAnchorError, match="'body.weight'"):
+            step_with_grads(model, opt)

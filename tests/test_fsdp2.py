@@ -1,0 +1,49 @@
+"""SP's step hook under FSDP2 on CPU (``fully_shard``, gloo, 2 ranks) equals the unsharded steps, and a run resumed
+from its sharded or full checkpoint keeps its anchors and ends where the uninterrupted run ends."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+SCRIPT = Path(__file__).parent / "scripts" / "fsdp2_sp.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("fsdp2_sp", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("penalty", ["l2_sp", "group_lasso_sp", "l2_sp_fisher"])
+def test_fsdp2_two_ranks_equal_the_unsharded_steps_and_resume(tmp_path, penalty):
+    script = _script()
+    model, optimizer, reg = script.model_and_regularizer(penalty, sharded=False, capture=True)
+    expected_metrics: list = []
+    script.train(model, optimizer, reg, range(script.STEPS), expected_metrics)
+    expected = script.full_state(model)
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(SCRIPT), str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*cmd, penalty, "fsdp2"], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for run in ("final", "resumed", "resumed_full"):
+        state = load_file(tmp_path / f"{run}.safetensors")
+        assert state.keys() == expected.keys()
+        for name, value in expected.items():
+            torch.testing.assert_close(state[name], value, rtol=1e-9, atol=1e-11, msg=f"{run}: {name}")
+    assert metrics["full"] == [pytest.approx(m, rel=1e-9) for m in expected_metrics]  # summed over ranks once
+    for run in ("resumed", "resumed_full"):  # the anchors came back with the optimizer state
+        assert metrics[run] == [pytest.approx(m, rel=1e-9) for m in expected_metrics[script.STEPS // 2 :]]
+    assert expected_metrics[-1]["sp_dist"] > 0
