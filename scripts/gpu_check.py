@@ -10,7 +10,12 @@ Every section on the CPU with tiny models (what the test suite runs):
 
     python scripts/gpu_check.py --dry-run --out /tmp/gpu-check
 
-Writes OUT/gpu_check.json and OUT/gpu_check.md (the logic lives in ``hf_sp_research.gpu_check``).
+Some sections only (step, penalty, sharded), e.g. to finish a run that a time limit cut short:
+
+    python scripts/gpu_check.py --sections sharded --out results/gpu_check/sharded
+
+Writes OUT/gpu_check.json and OUT/gpu_check.md after each section (the logic lives in
+``hf_sp_research.gpu_check``).
 """
 
 from hf_sp_research.gpu_check import main
