@@ -553,7 +553,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "scripts/gpu_check.py") 
     parser.add_argument("--out", default="results/gpu_check", help="folder for gpu_check.json / gpu_check.md")
     parser.add_argument("--dry-run", action="store_true", help="every section on the CPU with tiny models")
     parser.add_argument(
-        "--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS), help="the sections to run (always in this order)"
+        "--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS),
+        help="the sections to run (always in this order)",
     )
     args = parser.parse_args(argv)
     return run_check(args.out, args.dry_run, " ".join(["python", prog, *map(shlex.quote, argv)]), args.sections)
