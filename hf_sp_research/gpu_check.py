@@ -287,32 +287,35 @@ def _engine_args(engine: str, precision: str) -> dict[str, Any]:
     return {}
 
 
+def _tiny_vit():
+    """The sharded runs' model: a small transformers ViT, seeded."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        image_size=32,
+        patch_size=8,
+        num_labels=10,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return ViTForImageClassification(config)
+
+
 def _sharded_child(engine: str, out_dir: str, device_type: str) -> dict[str, Any]:
-    """Uninterrupted run, resumed run and plain-transformers load for ``engine`` (world size 1)."""
+    """An uninterrupted run and one resumed from its mid-run checkpoint under ``engine`` (world size 1), each
+    saving its final model in ``out_dir``; the parent loads them (:func:`_published`)."""
     if engine in ENGINES:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification
-
     from hf_sp import SPConfig, SPTrainer
     from hf_sp_research.benchmark import SyntheticImages
-
-    def model() -> ViTForImageClassification:
-        torch.manual_seed(0)
-        config = ViTConfig(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=128,
-            image_size=32,
-            patch_size=8,
-            num_labels=10,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-        )
-        return ViTForImageClassification(config)
 
     precision = "bf16" if device_type == "cuda" else "no"
     root = Path(out_dir)
@@ -337,48 +340,66 @@ def _sharded_child(engine: str, out_dir: str, device_type: str) -> dict[str, Any
         )
 
     data = SyntheticImages(48, 32, 10)
-    full = SPTrainer(model=model(), args=args("full"), train_dataset=data)
+    full = SPTrainer(model=_tiny_vit(), args=args("full"), train_dataset=data)
     full.train()
     full.save_model(str(root / "full" / "final"))
-    again = SPTrainer(model=model(), args=args("resumed"), train_dataset=data)
+    again = SPTrainer(model=_tiny_vit(), args=args("resumed"), train_dataset=data)
     again.train(resume_from_checkpoint=str(root / "full" / "checkpoint-3"))
     again.save_model(str(root / "resumed" / "final"))
-    a = AutoModelForImageClassification.from_pretrained(str(root / "full" / "final"))
-    b = AutoModelForImageClassification.from_pretrained(str(root / "resumed" / "final"))
-    start = model().state_dict()
-    sa, sb = a.state_dict(), b.state_dict()
-    diff = max(float((sa[k].float() - sb[k].float()).abs().max()) for k in sa)
-    moved = max(float((sa[k].float() - start[k].float()).abs().max()) for k in sa)
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        logits = a(pixel_values=x).logits
     return {
         "status": "ok",
         "precision": precision,
+        "engine_used": {"fsdp2": full.is_fsdp_enabled, "deepspeed_zero3": full.is_deepspeed_enabled}.get(engine, True),
+        "sp_metrics_logged": any("sp_dist" in h for h in full.state.log_history),
+    }
+
+
+def _published(root: Path, precision: str) -> dict[str, Any]:
+    """The two runs' saved models as plain transformers loads them (in this process, which set up no engine:
+    under a DeepSpeed ZeRO-3 configuration, ``from_pretrained`` would partition the weights it loads)."""
+    from transformers import AutoModelForImageClassification
+
+    a = AutoModelForImageClassification.from_pretrained(str(root / "full" / "final"))
+    b = AutoModelForImageClassification.from_pretrained(str(root / "resumed" / "final"))
+    start = _tiny_vit().state_dict()
+    sa, sb = a.state_dict(), b.state_dict()
+    complete = all(sa[k].shape == start[k].shape == sb[k].shape for k in start) and sa.keys() == start.keys()
+    if not complete:
+        return {"loads_in_transformers": False, "error": "the saved weights are not the model's (partitioned?)"}
+    diff = max(float((sa[k].float() - sb[k].float()).abs().max()) for k in sa)
+    moved = max(float((sa[k].float() - start[k].float()).abs().max()) for k in sa)
+    with torch.no_grad():
+        logits = a(pixel_values=torch.randn(2, 3, 32, 32)).logits
+    return {
         "resume_max_abs_diff": diff,
         "resume_equal": diff <= 1e-6 if precision == "no" else diff <= 1e-2,
         "trained_max_abs_change": moved,
         "loads_in_transformers": type(a).__name__ == "ViTForImageClassification" and moved > 0,
         "logits_finite": bool(torch.isfinite(logits).all()),
-        "sp_metrics_logged": any("sp_dist" in h for h in full.state.log_history),
     }
 
 
+def _engines(device: torch.device) -> tuple[list[str], dict[str, Any]]:
+    """The runs of the sharded section, and those skipped with the reason: FSDP2 and DeepSpeed ZeRO-3 on CUDA; on
+    the CPU a plain run and DeepSpeed ZeRO-3 (its CPU accelerator, gloo), where DeepSpeed is installed
+    (transformers takes FSDP on GPUs only)."""
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        deepspeed_skipped = {"deepspeed_zero3": {"status": "skipped: deepspeed is not installed"}}
+    else:
+        deepspeed_skipped = {}
+    if device.type == "cuda":
+        return [e for e in ENGINES if e not in deepspeed_skipped], deepspeed_skipped
+    skipped = {"fsdp2": {"status": "skipped: transformers takes FSDP on GPUs only"}, **deepspeed_skipped}
+    return ["single_process", *(e for e in ENGINES if e not in skipped)], skipped
+
+
 def sharded(plan: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """FSDP2 and DeepSpeed ZeRO-3 on CUDA, a plain single-process run elsewhere (``plan`` is not used: the
-    engines train their own small ViT)."""
-    out: dict[str, Any] = {}
-    engines = list(ENGINES) if device.type == "cuda" else []
-    if device.type != "cuda":
-        out.update({e: {"status": "skipped: needs a CUDA device"} for e in ENGINES})
-        engines = ["single_process"]
-    for engine in engines:
-        if engine == "deepspeed_zero3":
-            try:
-                import deepspeed  # noqa: F401
-            except ImportError:
-                out[engine] = {"status": "skipped: deepspeed is not installed"}
-                continue
+    """Each engine of :func:`_engines` in its own process (``plan`` is not used: the engines train their own small
+    ViT), then the models it saved loaded here."""
+    runs, out = _engines(device)
+    for engine in runs:
         with tempfile.TemporaryDirectory(prefix=f"hf_sp_{engine}_") as tmp:
             result_path = Path(tmp) / "result.json"
             cmd = [sys.executable, "-m", "hf_sp_research.gpu_check", "--sharded-child", engine, tmp, device.type]
@@ -392,6 +413,10 @@ def sharded(plan: dict[str, Any], device: torch.device) -> dict[str, Any]:
             else:
                 if proc.returncode == 0 and result_path.is_file():
                     out[engine] = json.loads(result_path.read_text())
+                    try:
+                        out[engine].update(_published(Path(tmp), out[engine]["precision"]))
+                    except Exception as error:  # noqa: BLE001 - recorded beside the run's own facts
+                        out[engine].update(loads_in_transformers=False, **_failure(f"loading {engine}", error))
                 else:
                     log = proc.stdout + proc.stderr
                     out[engine] = {"status": f"failed ({proc.returncode})", "log_tail": log[-3000:]}
@@ -480,11 +505,14 @@ def _render_sharded(section: dict[str, Any]) -> list[str]:
     lines = ["| engine | status | resume == uninterrupted (max abs diff) | loads in transformers |"]
     lines.append("|---|---|---|---|")
     for engine, r in section.items():
-        if r.get("status") == "ok":
-            resume = f"{r['resume_equal']} ({r['resume_max_abs_diff']:.1e})"
-            lines.append(f"| {engine} | ok | {resume} | {r['loads_in_transformers']} |")
-        else:
+        if r.get("status") != "ok":
             lines.append(f"| {engine} | {r['status']} | - | - |")
+        elif "resume_equal" not in r:
+            lines.append(f"| {engine} | ok; loading failed: `{_failed(r)}` | - | False |")
+        else:
+            status = "ok" if r.get("engine_used", True) else "ran without the engine"
+            resume = f"{r['resume_equal']} ({r['resume_max_abs_diff']:.1e})"
+            lines.append(f"| {engine} | {status} | {resume} | {r['loads_in_transformers']} |")
     return lines
 
 
