@@ -238,17 +238,23 @@ class SPRegularizer:
                 )
 
     def missing_anchors(self, optimizer: torch.optim.Optimizer) -> list[str]:
-        """Names of anchored parameters whose optimizer state has no anchor (or still a placeholder of
-        :meth:`_fill_empty_state`: the anchor, or the Fisher, that a checkpoint did not replace)."""
+        """Names of anchored parameters whose optimizer state lacks the anchor (or the Fisher it needs), or still
+        holds a placeholder of :meth:`_fill_empty_state` that a checkpoint did not replace. With ``all_reduce``
+        (sharded engines) it is a collective, to be called on every rank: a rank whose own shards are complete
+        (or empty) reports ``"(another rank's shard)"`` where another rank's are not, so that all ranks agree."""
         keys = (ANCHOR_KEY, FISHER_KEY) if self.info.needs_fisher else (ANCHOR_KEY,)
         missing = []
         for group in optimizer.param_groups:
             if group.get(ROLE_KEY) == "anchored":
                 for n, p in zip(group[NAMES_KEY], group["params"], strict=True):
                     state = optimizer.state[p]
-                    left = self._placeholders and any(bool(_local(state[k]).isnan().any()) for k in keys if k in state)
-                    if ANCHOR_KEY not in state or left:
+                    absent = any(k not in state for k in keys)
+                    if absent or (self._placeholders and any(bool(_local(state[k]).isnan().any()) for k in keys)):
                         missing.append(n or "?")
+        if self.all_reduce is not None:
+            count = torch.tensor(float(len(missing)), device=_local(_first_param(optimizer)).device)
+            if float(self.all_reduce(count)) > 0 and not missing:
+                missing = ["(another rank's shard)"]
         return missing
 
     # ----------------------------------------------------------------------------------------
@@ -336,7 +342,10 @@ class SPRegularizer:
         every rank decides alike; it runs only where the rest holds, and after the first step the state is not
         empty: one look."""
         groups = optimizer.param_groups
-        if optimizer.state or self._pending or any(float(g["lr"]) != 0.0 for g in groups if "lr" in g):
+        # torch's fill sets every "lr" to 0.0; a real step may have none (Adafactor's relative step: lr=None)
+        if optimizer.state or self._pending:
+            return False
+        if any(g["lr"] is None or float(g["lr"]) != 0.0 for g in groups if "lr" in g):
             return False
         grads = [_local(p.grad) for g in groups for p in g["params"] if p.grad is not None]
         nonzero = torch.tensor(float(any(bool(t.any()) for t in grads)), device=_local(_first_param(optimizer)).device)
@@ -361,6 +370,16 @@ class SPRegularizer:
                     self._pending[p] = {k: torch.full_like(p, float("nan"), dtype=dtype) for k in keys}
         self._placeholders = True
 
+    def _drop_placeholders(self, optimizer: torch.optim.Optimizer) -> None:
+        """Remove the placeholders that no checkpoint replaced, so that this step captures those anchors."""
+        for group in optimizer.param_groups:
+            if group.get(ROLE_KEY) == "anchored":
+                for p in group["params"]:
+                    state = optimizer.state.get(p, {})
+                    if ANCHOR_KEY in state and bool(_local(state[ANCHOR_KEY]).isnan().any()):
+                        state.pop(ANCHOR_KEY)
+                        state.pop(FISHER_KEY, None)
+
     @torch.no_grad()
     def _pre_step(self, optimizer, args, kwargs) -> None:
         # GradScaler hands optimizers that unscale in their own kernel (fused AdamW / SGD: _step_supports_amp_scaling)
@@ -375,7 +394,9 @@ class SPRegularizer:
             return
         if self._placeholders:  # the first step after a load into a filled state: the anchors must be the checkpoint's
             missing = self.missing_anchors(optimizer)
-            if missing:
+            if missing and self.capture_allowed:  # no checkpoint came (a fresh run allowed to capture after the fill)
+                self._drop_placeholders(optimizer)
+            elif missing:
                 raise MissingAnchorError(
                     f"The optimizer state holds no starting-point anchor for {missing[0]!r} ({len(missing)} in all): "
                     "the checkpoint it was loaded from was not written with this penalty. Resume from a checkpoint "

@@ -269,9 +269,12 @@ def _checkpoint():
     return get_state_dict(model, opt), opt.state[model.body.weight][ANCHOR_KEY].clone()
 
 
+@pytest.mark.parametrize("full", [False, True], ids=["as_saved", "full_state"])
 @pytest.mark.parametrize("with_anchors", [True, False])
-def test_a_load_through_a_filled_state_keeps_the_checkpoints_anchors_or_refuses(with_anchors):
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+def test_a_load_through_a_filled_state_keeps_the_checkpoints_anchors_or_refuses(with_anchors, full):
+    """A full-state load (accelerate's FULL_STATE_DICT) keeps the keys of the filled state that the checkpoint
+    lacks: the placeholders must then be refused, not trained toward."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     (model_sd, optim_sd), anchor = _checkpoint()
     if not with_anchors:  # a checkpoint of a run without SP
@@ -279,13 +282,64 @@ def test_a_load_through_a_filled_state_keeps_the_checkpoints_anchors_or_refuses(
             entry.pop(ANCHOR_KEY, None)
     model, reg, opt = setup(momentum=0.9)
     reg.capture_allowed = False  # a resume: the anchors must come from the checkpoint
-    set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    options = StateDictOptions(full_state_dict=True) if full else None
+    set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options)
     if with_anchors:
         assert reg.missing_anchors(opt) == []
         assert torch.equal(opt.state[model.body.weight][ANCHOR_KEY], anchor)
         step_with_grads(model, opt)
-        assert reg.pop_metrics()["sp_dist"] > 0
+        assert reg.pop_metrics()["sp_dist"] > 0 and not reg._placeholders  # checked once
     else:
         assert reg.missing_anchors(opt) == ["body.weight", "conv.weight"]
         with pytest.raises(MissingAnchorError, match="'body.weight'"):
             step_with_grads(model, opt)
+
+
+def test_a_fisher_that_the_checkpoint_lacks_is_missing():
+    """An l2_sp checkpoint resumed with l2_sp_fisher: the anchors are there, the Fisher is not."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    (model_sd, optim_sd), _ = _checkpoint()
+    fisher = {n: torch.ones_like(p) for n, p in Net().named_parameters()}
+    model, reg, opt = setup("l2_sp_fisher", momentum=0.9, fisher=fisher)
+    reg.capture_allowed = False
+    set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    assert reg.missing_anchors(opt) == ["body.weight", "conv.weight"]
+
+
+def test_placeholders_of_a_fill_before_capture_was_allowed_are_captured_over():
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    model, reg, opt = setup()
+    reg.capture_allowed = False
+    get_optimizer_state_dict(model, opt)  # filled with placeholders: nothing allows a capture yet
+    assert reg.missing_anchors(opt) == ["body.weight", "conv.weight"]
+    reg.capture_allowed = True  # a fresh run after all: the weights are the pretrained ones
+    pretrained = model.body.weight.detach().clone()
+    step_with_grads(model, opt)
+    assert torch.equal(opt.state[model.body.weight][ANCHOR_KEY], pretrained)
+    assert reg.missing_anchors(opt) == [] and reg.pop_metrics()["sp_dist"] == 0.0
+
+
+def test_ranks_agree_on_the_fill_and_on_missing_anchors():
+    """The gradients' check and the missing anchors are summed over ranks (here: another rank that has gradients,
+    or a missing anchor, in its shards): a rank whose own shards say otherwise decides as the others do."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    model, reg, opt = setup(all_reduce=lambda t: t + 1)
+    get_optimizer_state_dict(model, opt)  # zero gradients here, not on the other rank: a real step, recorded
+    assert reg.pop_metrics() != {}
+    assert reg.missing_anchors(opt) == ["(another rank's shard)"]
+
+
+def test_a_learning_rate_of_none_is_a_step():
+    """transformers' Adafactor with its relative step keeps ``lr=None`` in its groups."""
+    from transformers.optimization import Adafactor
+
+    model = Net()
+    reg = SPRegularizer("l2_sp", alpha=0.5, beta=0.25, split=split_parameters(model, head_modules=["classifier"]))
+    reg.capture_allowed = True
+    opt = Adafactor(model.parameters(), scale_parameter=True, relative_step=True, warmup_init=True, lr=None)
+    reg.prepare_optimizer(opt, model.named_parameters())
+    step_with_grads(model, opt, value=1.0)
+    assert ANCHOR_KEY in opt.state[model.body.weight] and reg.pop_metrics()["sp_head"] > 0
