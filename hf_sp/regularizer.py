@@ -154,10 +154,9 @@ class SPRegularizer:
             raise ValueError(f"sp_penalty={penalty!r} needs a Fisher diagonal; none was given.")
         #: Set by the trainer: may the next step capture ``w0`` from the current weights?
         self.capture_allowed = False
-        #: Called once the anchor is captured (the trainer marks the model as anchored).
-        self.on_capture: Callable[[], None] | None = None
         self._pending: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
-        #: Anchors lifted out of the state of tensors that the optimizer has not initialised yet, for one step.
+        #: Anchors lifted out of the state of tensors that the optimizer has not initialised yet, for one step (and the
+        #: placeholders of :meth:`_fill_empty_state`, put in after the optimizer filled the state).
         self._parked: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
         #: Tensors the optimizer has stepped with their anchor lifted out once: no need to lift it again.
         self._initialised: set[torch.Tensor] = set()
@@ -170,6 +169,13 @@ class SPRegularizer:
         self._hooked: set[int] = set()
         #: Whether the state holds placeholders of :meth:`_fill_empty_state` that a load may not have replaced yet.
         self._placeholders = False
+        #: The engine step under way. DeepSpeed ZeRO-3 calls ``optimizer.step()`` once per sub-group, each time with
+        #: that partition alone in its group's ``params``: the calls of one engine step add up to one record
+        #: (``_partial``), and a capture made in one holds for the others (``_captured``). ``_firsts``: the first
+        #: tensor of each call so far, by id; a call whose first tensor is among them begins the next step.
+        self._firsts: set[int] = set()
+        self._partial: torch.Tensor | None = None
+        self._captured = False
 
     # ----------------------------------------------------------------------------------------
     # Optimizer wiring
@@ -367,7 +373,8 @@ class SPRegularizer:
             if group.get(ROLE_KEY) == "anchored":
                 for p in group["params"]:
                     dtype = _compute_dtype(p.dtype)
-                    self._pending[p] = {k: torch.full_like(p, float("nan"), dtype=dtype) for k in keys}
+                    # parked: put into the state after the optimizer filled it (_post_step), and no capture
+                    self._parked[p] = {k: torch.full_like(p, float("nan"), dtype=dtype) for k in keys}
         self._placeholders = True
 
     def _drop_placeholders(self, optimizer: torch.optim.Optimizer) -> None:
@@ -386,6 +393,7 @@ class SPRegularizer:
         # two tensors for this step. ``found_inf``: the gradients overflowed and the kernel will skip the update, as
         # GradScaler skips the call of any other optimizer; the penalty skips it too (a decoupled pull would move
         # the weights), and takes no record or anchor from it. ``grad_scale``: nobody unscaled the gradients yet.
+        self._begin_call(optimizer)
         found_inf = getattr(optimizer, "found_inf", None)
         if found_inf is not None and bool(found_inf):
             return
@@ -441,11 +449,30 @@ class SPRegularizer:
             sums[2].append(dsq)
         # One record per step on every rank, even an empty one, so that ranks fold (all-reduce) in step.
         device = next((v.device for s in sums for v in s), None) or _first_param(optimizer).device
-        self._records.append(
-            torch.stack([torch.stack(s).sum() if s else torch.zeros((), device=device) for s in sums])
-        )
-        if len(self._records) >= FOLD_STEPS:
-            self._fold()
+        record = torch.stack([torch.stack(s).sum() if s else torch.zeros((), device=device) for s in sums])
+        self._partial = record if self._partial is None else self._partial + record
+
+    def _begin_call(self, optimizer: torch.optim.Optimizer) -> None:
+        """End the engine step before this call where this call's first tensor was stepped in it already (every
+        call of a plain optimizer; the first sub-group's under DeepSpeed ZeRO-3), and fold every FOLD_STEPS."""
+        first = id(next((p for g in optimizer.param_groups for p in g["params"]), None))
+        if first in self._firsts:
+            self._end_step()
+            if len(self._records) >= FOLD_STEPS:
+                self._fold()
+        self._firsts.add(first)
+
+    def _end_step(self) -> None:
+        """The engine step is over: its record joins the others, and a capture made in it is final (no later step
+        captures; the Fisher now lives in the optimizer state)."""
+        self._firsts.clear()
+        if self._partial is not None:
+            self._records.append(self._partial)
+            self._partial = None
+        if self._captured:
+            self._captured = False
+            self.capture_allowed = False
+            self.fisher = None
 
     def _lists(self, optimizer, items, anchored: bool):
         """``(w, w0, fisher, out)`` of ``items`` (shard-local); ``w0`` and ``fisher`` are ``None`` unless needed."""
@@ -487,11 +514,7 @@ class SPRegularizer:
             for p, entry in self._pending.items():
                 optimizer.state[p].update(entry)
             self._pending.clear()
-            self.capture_allowed = False
-            # The Fisher now lives in the optimizer state, sharded like the parameters.
-            self.fisher = None
-            if self.on_capture is not None:
-                self.on_capture()
+            self._captured = True  # final when the engine step ends (_end_step)
 
     @torch.no_grad()
     def distance(self, optimizer: torch.optim.Optimizer) -> tuple[float, float] | None:
@@ -518,7 +541,9 @@ class SPRegularizer:
     # Logging
     def _fold(self) -> None:
         """Sum the pending per-step records into the window (across ranks first); raise if the value of an active
-        term (``alpha > 0``: body and distance, ``beta > 0``: head) is not finite."""
+        term (``alpha > 0``: body and distance, ``beta > 0``: head) is not finite. Called between steps: the last
+        one is over."""
+        self._end_step()
         if not self._records:
             return
         records = torch.stack(self._records)

@@ -343,3 +343,51 @@ def test_a_learning_rate_of_none_is_a_step():
     reg.prepare_optimizer(opt, model.named_parameters())
     step_with_grads(model, opt, value=1.0)
     assert ANCHOR_KEY in opt.state[model.body.weight] and reg.pop_metrics()["sp_head"] > 0
+
+
+def _two_anchored_groups(opt):
+    """The anchored tensors in two groups (as per-layer learning rates make them)."""
+    anchored = next(g for g in opt.param_groups if g["sp_role"] == "anchored")
+    second = {**anchored, "params": anchored["params"][1:], "sp_names": anchored["sp_names"][1:], "lr": 0.3}
+    anchored["params"], anchored["sp_names"] = anchored["params"][:1], anchored["sp_names"][:1]
+    opt.param_groups.append(second)
+
+
+def _zero3_step(opt):
+    """DeepSpeed ZeRO-3's step: ``optimizer.step()`` once per group (sub-group), with that group's tensors alone in
+    its ``params`` and the other groups' empty."""
+    saved = [g["params"] for g in opt.param_groups]
+    for g in opt.param_groups:
+        g["params"] = []
+    for g, params in zip(opt.param_groups, saved, strict=True):
+        g["params"] = params
+        opt.step()
+        g["params"] = []
+    for g, params in zip(opt.param_groups, saved, strict=True):
+        g["params"] = params
+
+
+def test_one_step_per_group_as_deepspeed_zero3_steps_is_one_step():
+    """Its calls add up to one record per engine step (the logged values were divided by the number of groups),
+    and the first step's capture holds for every group's call (the second anchored group's call raised)."""
+    runs = []
+    for zero3 in (False, True):
+        model, reg, opt = setup(momentum=0.9)
+        _two_anchored_groups(opt)
+        metrics = []
+        for step in range(3):
+            for p in model.parameters():
+                p.grad = torch.full_like(p, 0.1)
+            _zero3_step(opt) if zero3 else opt.step()
+            if step == 0:
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.add_(torch.linspace(-1, 1, p.numel()).view(p.shape))
+            metrics.append(reg.pop_metrics())
+        assert not reg.capture_allowed and reg.missing_anchors(opt) == []
+        runs.append(([p.detach().clone() for p in model.parameters()], metrics))
+    (plain, plain_metrics), (zero3, zero3_metrics) = runs
+    for a, b in zip(plain, zero3, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert zero3_metrics == [pytest.approx(m, rel=1e-6) for m in plain_metrics]
+    assert plain_metrics[-1]["sp_dist"] > 0
