@@ -351,12 +351,14 @@ def _sharded_child(engine: str, out_dir: str, device_type: str) -> dict[str, Any
         "precision": precision,
         "engine_used": {"fsdp2": full.is_fsdp_enabled, "deepspeed_zero3": full.is_deepspeed_enabled}.get(engine, True),
         "sp_metrics_logged": any("sp_dist" in h for h in full.state.log_history),
+        "sp_dist": [h["sp_dist"] for h in full.state.log_history if "sp_dist" in h],
     }
 
 
-def _published(root: Path, precision: str) -> dict[str, Any]:
+def _published(root: Path, precision: str) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
     """The two runs' saved models as plain transformers loads them (in this process, which set up no engine:
-    under a DeepSpeed ZeRO-3 configuration, ``from_pretrained`` would partition the weights it loads)."""
+    under a DeepSpeed ZeRO-3 configuration, ``from_pretrained`` would partition the weights it loads), and the
+    uninterrupted run's weights."""
     from transformers import AutoModelForImageClassification
 
     a = AutoModelForImageClassification.from_pretrained(str(root / "full" / "final"))
@@ -365,18 +367,30 @@ def _published(root: Path, precision: str) -> dict[str, Any]:
     sa, sb = a.state_dict(), b.state_dict()
     complete = all(sa[k].shape == start[k].shape == sb[k].shape for k in start) and sa.keys() == start.keys()
     if not complete:
-        return {"loads_in_transformers": False, "error": "the saved weights are not the model's (partitioned?)"}
+        return {"loads_in_transformers": False, "error": "the saved weights are not the model's (partitioned?)"}, None
     diff = max(float((sa[k].float() - sb[k].float()).abs().max()) for k in sa)
     moved = max(float((sa[k].float() - start[k].float()).abs().max()) for k in sa)
     with torch.no_grad():
         logits = a(pixel_values=torch.randn(2, 3, 32, 32)).logits
-    return {
+    facts = {
         "resume_max_abs_diff": diff,
-        "resume_equal": diff <= 1e-6 if precision == "no" else diff <= 1e-2,
+        "resume_equal": diff <= _tolerance(precision),
         "trained_max_abs_change": moved,
         "loads_in_transformers": type(a).__name__ == "ViTForImageClassification" and moved > 0,
         "logits_finite": bool(torch.isfinite(logits).all()),
     }
+    return facts, sa
+
+
+def _same_values(a: list[float], b: list[float], precision: str) -> bool:
+    """Whether two runs logged the same values (relative: 1e-4 in fp32, 5e-2 in bf16)."""
+    rel = 1e-4 if precision == "no" else 5e-2
+    return len(a) == len(b) and all(abs(x - y) <= rel * abs(y) for x, y in zip(a, b, strict=True))
+
+
+def _tolerance(precision: str) -> float:
+    """Largest difference between two runs that should end alike: fp32 rounding, or bf16's."""
+    return 1e-5 if precision == "no" else 1e-2
 
 
 def _engines(device: torch.device) -> tuple[list[str], dict[str, Any]]:
@@ -389,16 +403,17 @@ def _engines(device: torch.device) -> tuple[list[str], dict[str, Any]]:
         deepspeed_skipped = {"deepspeed_zero3": {"status": "skipped: deepspeed is not installed"}}
     else:
         deepspeed_skipped = {}
-    if device.type == "cuda":
-        return [e for e in ENGINES if e not in deepspeed_skipped], deepspeed_skipped
-    skipped = {"fsdp2": {"status": "skipped: transformers takes FSDP on GPUs only"}, **deepspeed_skipped}
+    skipped = dict(deepspeed_skipped)
+    if device.type != "cuda":
+        skipped["fsdp2"] = {"status": "skipped: transformers takes FSDP on GPUs only"}
     return ["single_process", *(e for e in ENGINES if e not in skipped)], skipped
 
 
 def sharded(plan: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Each engine of :func:`_engines` in its own process (``plan`` is not used: the engines train their own small
-    ViT), then the models it saved loaded here."""
+    ViT), then the models it saved loaded here; each engine's final weights against the single process's."""
     runs, out = _engines(device)
+    reference: dict[str, torch.Tensor] | None = None
     for engine in runs:
         with tempfile.TemporaryDirectory(prefix=f"hf_sp_{engine}_") as tmp:
             result_path = Path(tmp) / "result.json"
@@ -414,9 +429,20 @@ def sharded(plan: dict[str, Any], device: torch.device) -> dict[str, Any]:
                 if proc.returncode == 0 and result_path.is_file():
                     out[engine] = json.loads(result_path.read_text())
                     try:
-                        out[engine].update(_published(Path(tmp), out[engine]["precision"]))
+                        facts, final = _published(Path(tmp), out[engine]["precision"])
                     except Exception as error:  # noqa: BLE001 - recorded beside the run's own facts
-                        out[engine].update(loads_in_transformers=False, **_failure(f"loading {engine}", error))
+                        facts, final = {"loads_in_transformers": False, **_failure(f"loading {engine}", error)}, None
+                    out[engine].update(facts)
+                    if engine == "single_process":
+                        reference = final
+                    elif final is not None and reference is not None:  # the engine changes nothing but the layout
+                        diff = max(float((final[k].float() - reference[k].float()).abs().max()) for k in reference)
+                        out[engine]["single_process_max_abs_diff"] = diff
+                        out[engine]["equals_single_process"] = diff <= _tolerance(out[engine]["precision"])
+                        # the logged distance to the start: summed over ranks and sub-groups once
+                        out[engine]["sp_dist_equals_single_process"] = _same_values(
+                            out[engine]["sp_dist"], out["single_process"]["sp_dist"], out[engine]["precision"]
+                        )
                 else:
                     log = proc.stdout + proc.stderr
                     out[engine] = {"status": f"failed ({proc.returncode})", "log_tail": log[-3000:]}
@@ -502,17 +528,21 @@ def _render_penalty(section: dict[str, Any]) -> list[str]:
 
 
 def _render_sharded(section: dict[str, Any]) -> list[str]:
-    lines = ["| engine | status | resume == uninterrupted (max abs diff) | loads in transformers |"]
-    lines.append("|---|---|---|---|")
+    lines = ["| engine | status | resume == uninterrupted (max abs diff) | = one process (max abs diff) "]
+    lines[-1] += "| loads in transformers |"
+    lines.append("|---|---|---|---|---|")
     for engine, r in section.items():
         if r.get("status") != "ok":
-            lines.append(f"| {engine} | {r['status']} | - | - |")
+            lines.append(f"| {engine} | {r['status']} | - | - | - |")
         elif "resume_equal" not in r:
-            lines.append(f"| {engine} | ok; loading failed: `{_failed(r)}` | - | False |")
+            lines.append(f"| {engine} | ok; loading failed: `{_failed(r)}` | - | - | False |")
         else:
             status = "ok" if r.get("engine_used", True) else "ran without the engine"
             resume = f"{r['resume_equal']} ({r['resume_max_abs_diff']:.1e})"
-            lines.append(f"| {engine} | {status} | {resume} | {r['loads_in_transformers']} |")
+            same = "-"
+            if "equals_single_process" in r:
+                same = f"{r['equals_single_process']} ({r['single_process_max_abs_diff']:.1e})"
+            lines.append(f"| {engine} | {status} | {resume} | {same} | {r['loads_in_transformers']} |")
     return lines
 
 
