@@ -94,6 +94,15 @@ def test_zero_at_the_starting_point(name):
     assert all(float(o.abs().max()) == 0.0 for o in out)
 
 
+@pytest.mark.parametrize("name", PENALTIES)
+def test_tensors_that_are_all_empty(name, block):
+    """A rank whose shards of a group are all empty (FSDP2's dim-0 sharding of a one-row head): zero sums."""
+    empty = [torch.zeros(0, 6, dtype=torch.float64), torch.zeros(0, 3, dtype=torch.float64)]
+    w, w0, fisher, out = ([t.clone() for t in empty] for _ in range(4))
+    value, dist_sq = get_penalty(name).accumulate(w, w0 if name != "l2" else None, fisher, out, 1.0)
+    assert float(value) == 0.0 and (dist_sq is None if name == "l2" else float(dist_sq) == 0.0)
+
+
 def test_group_lasso_groups_are_output_channels():
     """Only one output channel moved: only that channel's group is non-zero, with weight sqrt(c_in*kh*kw)."""
     w0 = [torch.zeros(4, 3, 2, 2, dtype=torch.float64)]

@@ -152,7 +152,7 @@ def blocks(*lists: Tensors) -> Iterator[tuple[Tensors, ...]]:
         for acc, t in zip(block, tensors, strict=True):
             acc.append(t)
         size += numel
-    if size:
+    if block[0]:  # also a block of empty tensors (a rank's shards under FSDP2 can all be): its sums are zeros
         yield tuple(block)
 
 

@@ -35,7 +35,8 @@ class GroupLassoSP(Penalty):
         dist_sq = sum_of_squares(d)
         values = []
         for di, oi in zip(d, out, strict=True):
-            rows = di.reshape(di.shape[0], -1) if di.dim() > 0 else di.reshape(1, 1)
+            # flatten(1), not reshape(rows, -1): a shard of no rows (FSDP2) keeps its group size
+            rows = di.flatten(1) if di.dim() > 1 else di.reshape(-1, 1)
             group_size = rows.shape[1]
             norms = rows.square().sum(dim=1).add_(EPS).sqrt_()
             values.append(norms.sum() * math.sqrt(group_size))
