@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -105,6 +106,30 @@ def add_frozen_tensors(
     missing = [p for n, p in named_params if id(p) not in held and canonical_name(n) in split.shapes]
     if missing:
         optimizer.add_param_group({"params": missing})
+
+
+def keep_saved_precision(optimizer: torch.optim.Optimizer, keys: set[str]) -> None:
+    """Hooks on ``optimizer.load_state_dict`` that put the entries of its state under ``keys`` (read at each load)
+    back as they were saved: torch casts floating state to each parameter's dtype, so bf16 weights would get bf16
+    anchors and starts. A saved state's key is the id its groups list the tensor by (an index, or a name from
+    torch.distributed.checkpoint), matched to the parameters in the order of the groups, as torch matches them."""
+    stashed: dict[tuple[Any, str], torch.Tensor] = {}
+    saved_ids: list[Any] = []
+
+    def stash(opt: torch.optim.Optimizer, state_dict: dict) -> None:
+        stashed.clear()
+        saved_ids[:] = [i for g in state_dict["param_groups"] for i in g["params"]]
+        for index, state in state_dict["state"].items():
+            stashed.update({(index, k): v for k, v in state.items() if k in keys and isinstance(v, torch.Tensor)})
+
+    def restore(opt: torch.optim.Optimizer) -> None:
+        params = dict(zip(saved_ids, (p for g in opt.param_groups for p in g["params"]), strict=False))
+        for (index, key), value in stashed.items():
+            opt.state[params[index]][key] = value.to(device=params[index].device)
+        stashed.clear()
+
+    optimizer.register_load_state_dict_pre_hook(stash)
+    optimizer.register_load_state_dict_post_hook(restore)
 
 
 class MissingAnchorError(RuntimeError):
@@ -218,6 +243,7 @@ class SPRegularizer:
         if id(optimizer) not in self._hooked:
             optimizer.register_step_pre_hook(self._pre_step)
             optimizer.register_step_post_hook(self._post_step)
+            keep_saved_precision(optimizer, _OWN_KEYS)  # fp32 anchors of bf16 weights stay fp32 through a resume
             self._hooked.add(id(optimizer))
         return origins
 

@@ -391,3 +391,18 @@ def test_one_step_per_group_as_deepspeed_zero3_steps_is_one_step():
         torch.testing.assert_close(b, a, rtol=0, atol=0)
     assert zero3_metrics == [pytest.approx(m, rel=1e-6) for m in plain_metrics]
     assert plain_metrics[-1]["sp_dist"] > 0
+
+
+def test_bf16_weights_keep_their_fp32_anchors_through_a_load():
+    """torch's load_state_dict casts floating state to the parameter's dtype: the anchors are put back as saved."""
+    model, reg, opt = setup(dtype=torch.bfloat16, momentum=0.9)
+    step_with_grads(model, opt, 0.1)
+    saved = opt.state_dict()
+    anchor = opt.state[model.body.weight][ANCHOR_KEY]
+    assert anchor.dtype == torch.float32
+    model, reg, opt = setup(dtype=torch.bfloat16, momentum=0.9)
+    reg.capture_allowed = False
+    opt.load_state_dict(saved)
+    loaded = opt.state[model.body.weight]
+    assert loaded[ANCHOR_KEY].dtype == torch.float32 and torch.equal(loaded[ANCHOR_KEY], anchor)
+    assert loaded["momentum_buffer"].dtype == torch.bfloat16  # the optimizer's own state as torch loads it

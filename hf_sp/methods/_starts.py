@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ..regularizer import _OWN_KEYS, ANCHOR_KEY, _unscale_grads
+from ..regularizer import _OWN_KEYS, ANCHOR_KEY, _unscale_grads, keep_saved_precision
 from ..selection import ParamSplit, canonical_name
 
 __all__ = ["START_KEY", "StartTracker", "anchored_parameters", "step_skipped", "unscale_if_scaled"]
@@ -49,9 +49,7 @@ class StartTracker:
         self._unsettled: set[torch.Tensor] = {p for g in optimizer.param_groups for p in g["params"]}
         optimizer.register_step_pre_hook(self._pre_step)
         optimizer.register_step_post_hook(self._post_step)
-        optimizer.register_load_state_dict_pre_hook(self._stash)
-        optimizer.register_load_state_dict_post_hook(self._restore)
-        self._stashed: dict[tuple[int, str], torch.Tensor] = {}
+        keep_saved_precision(optimizer, HF_SP_STATE_KEYS)
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -59,24 +57,6 @@ class StartTracker:
         if optimizer is None:  # pragma: no cover - the hooks die with the optimizer
             raise RuntimeError("The optimizer of this StartTracker was deleted.")
         return optimizer
-
-    def _stash(self, optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
-        self._stashed = {
-            (index, key): value
-            for index, state in state_dict["state"].items()
-            for key, value in state.items()
-            if key in HF_SP_STATE_KEYS and isinstance(value, torch.Tensor)
-        }
-
-    def _restore(self, optimizer: torch.optim.Optimizer) -> None:
-        # torch.optim.Optimizer.load_state_dict casts floating state to each parameter's dtype (bf16 weights would get
-        # bf16 starts and FTP radii): put hf_sp's keys back as they were saved. Saved states are indexed in the order of
-        # the parameters in the groups.
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        for (index, key), value in self._stashed.items():
-            p = params[index]
-            optimizer.state[p][key] = value.to(device=p.device)
-        self._stashed = {}
 
     @classmethod
     def of(cls, optimizer: torch.optim.Optimizer) -> StartTracker:
