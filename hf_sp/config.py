@@ -80,7 +80,6 @@ class SPConfig(
     def __post_init__(self) -> None:
         self._apply_recipe_defaults()
         super().__post_init__()
-        self._follow_max_grad_norm_in_deepspeed()
         if isinstance(self.sp_head_modules, str):
             self.sp_head_modules = [m.strip() for m in self.sp_head_modules.split(",") if m.strip()]
         for name in list_methods():
@@ -99,15 +98,6 @@ class SPConfig(
                 if key == "optim_args" and not optim_from_recipe:
                     continue  # the user chose the optimizer: its arguments are theirs too
                 setattr(self, key, wanted.get(key, _TRAINER_DEFAULTS[key]))
-
-    def _follow_max_grad_norm_in_deepspeed(self) -> None:
-        """A DeepSpeed configuration without ``gradient_clipping`` clips at DeepSpeed's default norm of 1 whatever
-        ``max_grad_norm`` says (transformers fills only ``"auto"``): it gets ``max_grad_norm`` (0 by default with a
-        penalty: the recipe does not clip). An explicit value is the user's, and transformers checks it against
-        ``max_grad_norm``."""
-        ds_config = getattr(self, "hf_deepspeed_config", None)
-        if ds_config is not None and "gradient_clipping" not in ds_config.config:
-            ds_config.config["gradient_clipping"] = self.max_grad_norm
 
     def methods(self) -> list[str]:
         """Names of the transfer methods these arguments enable, in the order their phases run."""

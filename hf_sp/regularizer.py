@@ -125,7 +125,8 @@ def keep_saved_precision(optimizer: torch.optim.Optimizer, keys: set[str]) -> No
     def restore(opt: torch.optim.Optimizer) -> None:
         params = dict(zip(saved_ids, (p for g in opt.param_groups for p in g["params"]), strict=False))
         for (index, key), value in stashed.items():
-            opt.state[params[index]][key] = value.to(device=params[index].device)
+            if index in params:  # torch too ignores a saved state that no group lists
+                opt.state[params[index]][key] = value.to(device=params[index].device)
         stashed.clear()
 
     optimizer.register_load_state_dict_pre_hook(stash)
@@ -480,16 +481,22 @@ class SPRegularizer:
 
     def _begin_call(self, optimizer: torch.optim.Optimizer) -> None:
         """End the engine step before this call where this call's first tensor was stepped in it already (every
-        call of a plain optimizer; the first sub-group's under DeepSpeed ZeRO-3), and fold every FOLD_STEPS."""
+        call of a plain optimizer; the first sub-group's under DeepSpeed ZeRO-3), unless :meth:`end_step` did."""
         first = id(next((p for g in optimizer.param_groups for p in g["params"]), None))
         if first in self._firsts:
-            self._end_step()
-            if len(self._records) >= FOLD_STEPS:
-                self._fold()
+            self.end_step()
         self._firsts.add(first)
 
-    def _end_step(self) -> None:
-        """The engine step is over: its record joins the others, and a capture made in it is final (no later step
+    def end_step(self) -> None:
+        """The engine step is over (SPTrainer says so at each step's end; else the next step's first call does):
+        its calls' record is one step's, a capture made in it is final, and every FOLD_STEPS steps the records are
+        folded (and checked for divergence)."""
+        self._close_step()
+        if len(self._records) >= FOLD_STEPS:
+            self._fold()
+
+    def _close_step(self) -> None:
+        """The record of the engine step joins the others, and a capture made in it is final (no later step
         captures; the Fisher now lives in the optimizer state)."""
         self._firsts.clear()
         if self._partial is not None:
@@ -540,7 +547,7 @@ class SPRegularizer:
             for p, entry in self._pending.items():
                 optimizer.state[p].update(entry)
             self._pending.clear()
-            self._captured = True  # final when the engine step ends (_end_step)
+            self._captured = True  # final when the engine step ends (_close_step)
 
     @torch.no_grad()
     def distance(self, optimizer: torch.optim.Optimizer) -> tuple[float, float] | None:
@@ -569,7 +576,7 @@ class SPRegularizer:
         """Sum the pending per-step records into the window (across ranks first); raise if the value of an active
         term (``alpha > 0``: body and distance, ``beta > 0``: head) is not finite. Called between steps: the last
         one is over."""
-        self._end_step()
+        self._close_step()
         if not self._records:
             return
         records = torch.stack(self._records)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import PreTrainedModel, Trainer
+from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_NAME
 
@@ -36,6 +37,20 @@ STARTED_ATTR = "_hf_sp_started"
 def _saved_keys(path: Path) -> set[str]:
     with safe_open(str(path), framework="pt") as f:
         return set(f.keys())
+
+
+class _StepEnd(TrainerCallback):
+    """Ends the regularizer's engine step where Trainer's step ends: DeepSpeed ZeRO-3 steps the optimizer once per
+    sub-group, and its gradient scaler may skip one of those calls alone (see :meth:`SPRegularizer.end_step`)."""
+
+    def __init__(self, trainer: SPTrainer) -> None:
+        self._trainer = weakref.ref(trainer)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        trainer = self._trainer()
+        reg = trainer.sp_regularizer if trainer is not None else None
+        if reg is not None:
+            reg.end_step()
 
 
 class SPTrainer(Trainer):
@@ -83,9 +98,21 @@ class SPTrainer(Trainer):
         self._sp_resuming = False
         self._sp_optimizer_id: int | None = None
         super().__init__(model, args, *pos, **kwargs)
+        self.add_callback(_StepEnd(self))
         self._sp_attach(self.model)  # validates the settings against the model now, before any training
         if self.optimizer is not None and self.sp_methods:  # optimizers=(optimizer, scheduler): checked now
             self._sp_check_user_optimizer()
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """Trainer's, then a DeepSpeed configuration without ``gradient_clipping`` gets ``max_grad_norm``: DeepSpeed
+        would clip at its default norm of 1 whatever ``max_grad_norm`` says (transformers fills only ``"auto"``, and
+        a configuration given to ``accelerate launch`` not even that), while a penalty's recipe does not clip. An
+        explicit value is the user's (transformers checks it against ``max_grad_norm``)."""
+        super().create_accelerator_and_postprocess()
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        config = getattr(getattr(plugin, "hf_ds_config", None), "config", None)
+        if config is not None and "gradient_clipping" not in config:
+            config["gradient_clipping"] = self.args.max_grad_norm
 
     # ----------------------------------------------------------------------------------------
     # The methods and what they see

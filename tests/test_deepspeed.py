@@ -23,12 +23,44 @@ def test_zero3_equals_one_process_and_resumes():
     assert run["loads_in_transformers"] and run["logits_finite"]
 
 
-@pytest.mark.parametrize("given, expected", [({}, 0.0), ({"gradient_clipping": "auto"}, 0.0)])
-def test_a_deepspeed_config_without_clipping_follows_max_grad_norm(tmp_path, given, expected):
-    """DeepSpeed's own default clips at 1; the recipe's max_grad_norm (0 with a penalty) must hold."""
-    from hf_sp import SPConfig
+CLIPPING = """
+import json, os, socket, sys
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+from hf_sp import SPConfig, SPTrainer
+from hf_sp_research.gpu_check import _tiny_vit
+case, out = sys.argv[1], sys.argv[2]
+config = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto"}
+extra = {}
+if case == "explicit":
+    config["gradient_clipping"] = 0.5
+    extra["max_grad_norm"] = 0.5
+if case == "launch":  # what accelerate launch --use_deepspeed --deepspeed_config_file sets
+    with open(os.path.join(out, "ds.json"), "w") as f:
+        json.dump(config, f)
+    os.environ.update(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_CONFIG_FILE=os.path.join(out, "ds.json"))
+else:
+    extra["deepspeed"] = config
+args = SPConfig(output_dir=out, sp_penalty="l2_sp", use_cpu=True, report_to=[], **extra)
+trainer = SPTrainer(model=_tiny_vit(), args=args)
+print(json.dumps([args.max_grad_norm, trainer.accelerator.state.deepspeed_plugin.hf_ds_config.config["gradient_clipping"]]))
+"""
 
-    config = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto", **given}
-    args = SPConfig(output_dir=str(tmp_path), sp_penalty="l2_sp", deepspeed=config, use_cpu=True, report_to=[])
-    assert args.max_grad_norm == 0.0
-    assert args.hf_deepspeed_config.config["gradient_clipping"] == expected
+
+@pytest.mark.parametrize("case, expected", [("args", [0.0, 0.0]), ("launch", [0.0, 0.0]), ("explicit", [0.5, 0.5])])
+def test_a_deepspeed_config_without_clipping_follows_max_grad_norm(tmp_path, case, expected):
+    """DeepSpeed's own default clips at 1: a configuration without gradient_clipping, given in the arguments or to
+    accelerate launch, gets max_grad_norm (0 by default with a penalty); an explicit value is kept."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", CLIPPING, case, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == expected

@@ -353,44 +353,69 @@ def _two_anchored_groups(opt):
     opt.param_groups.append(second)
 
 
-def _zero3_step(opt):
+def _zero3_step(opt, skip=()):
     """DeepSpeed ZeRO-3's step: ``optimizer.step()`` once per group (sub-group), with that group's tensors alone in
-    its ``params`` and the other groups' empty."""
+    its ``params`` and the other groups' empty; the calls of the groups in ``skip`` skipped (its gradient scaler
+    found an overflow there)."""
     saved = [g["params"] for g in opt.param_groups]
     for g in opt.param_groups:
         g["params"] = []
-    for g, params in zip(opt.param_groups, saved, strict=True):
+    for i, (g, params) in enumerate(zip(opt.param_groups, saved, strict=True)):
         g["params"] = params
-        opt.step()
+        if i not in skip:
+            opt.step()
         g["params"] = []
     for g, params in zip(opt.param_groups, saved, strict=True):
         g["params"] = params
 
 
-def test_one_step_per_group_as_deepspeed_zero3_steps_is_one_step():
+@pytest.mark.parametrize("end_step", [False, True], ids=["bare", "trainer_ends_steps"])
+def test_one_step_per_group_as_deepspeed_zero3_steps_is_one_step(end_step):
     """Its calls add up to one record per engine step (the logged values were divided by the number of groups),
     and the first step's capture holds for every group's call (the second anchored group's call raised)."""
     runs = []
     for zero3 in (False, True):
         model, reg, opt = setup(momentum=0.9)
         _two_anchored_groups(opt)
-        metrics = []
         for step in range(3):
             for p in model.parameters():
                 p.grad = torch.full_like(p, 0.1)
             _zero3_step(opt) if zero3 else opt.step()
+            if end_step:
+                reg.end_step()
             if step == 0:
                 with torch.no_grad():
                     for p in model.parameters():
                         p.add_(torch.linspace(-1, 1, p.numel()).view(p.shape))
-            metrics.append(reg.pop_metrics())
+        metrics = reg.pop_metrics()  # one window of three steps
         assert not reg.capture_allowed and reg.missing_anchors(opt) == []
         runs.append(([p.detach().clone() for p in model.parameters()], metrics))
     (plain, plain_metrics), (zero3, zero3_metrics) = runs
     for a, b in zip(plain, zero3, strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
-    assert zero3_metrics == [pytest.approx(m, rel=1e-6) for m in plain_metrics]
-    assert plain_metrics[-1]["sp_dist"] > 0
+    assert zero3_metrics == pytest.approx(plain_metrics, rel=1e-6) and plain_metrics["sp_dist"] > 0
+
+
+def test_the_fisher_given_is_dropped_once_the_capture_is_final():
+    """It lives in the optimizer state from then on, sharded like the parameters: the full copy is not kept."""
+    fisher = {n: torch.rand_like(p) + 0.5 for n, p in Net().named_parameters()}
+    model, reg, opt = setup("l2_sp_fisher", fisher=fisher)
+    step_with_grads(model, opt)
+    reg.end_step()
+    assert reg.fisher is None and torch.equal(opt.state[model.body.weight]["sp_fisher"], fisher["body.weight"])
+
+
+def test_a_skipped_call_of_one_group_does_not_shift_the_steps_when_the_trainer_ends_them():
+    """DeepSpeed's gradient scaler may skip one sub-group's call: SPTrainer ends each engine step (end_step), so
+    the records stay one per step (else the next step's first call would end it, one call late)."""
+    model, reg, opt = setup(momentum=0.9)
+    _two_anchored_groups(opt)
+    for step in range(3):
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 0.1)
+        _zero3_step(opt, skip=(0,) if step == 1 else ())
+        reg.end_step()
+    assert len(reg._records) == 3
 
 
 def test_bf16_weights_keep_their_fp32_anchors_through_a_load():

@@ -480,3 +480,18 @@ def test_load_best_model_at_end_loads_all_of_the_best_checkpoint(tmp_path):
     for name, value in expected.items():
         torch.testing.assert_close(got[name], value, rtol=0, atol=0, msg=name)
     assert any(not torch.equal(got[n], last[n]) for n in last)
+
+
+def test_the_trainer_ends_each_engine_step_and_folds_on_time(tmp_path, monkeypatch):
+    """SPTrainer ends the regularizer's step at each of its own (DeepSpeed ZeRO-3 steps the optimizer once per
+    sub-group), so that the divergence check folds within FOLD_STEPS steps, not one later."""
+    from hf_sp import regularizer
+
+    ends, folds = [], []
+    end_step, fold = regularizer.SPRegularizer.end_step, regularizer.SPRegularizer._fold
+    monkeypatch.setattr(regularizer.SPRegularizer, "end_step", lambda self: (ends.append(1), end_step(self))[1])
+    monkeypatch.setattr(regularizer.SPRegularizer, "_fold", lambda self: (folds.append(len(ends)), fold(self))[1])
+    monkeypatch.setattr(regularizer, "FOLD_STEPS", 2)
+    args = make_args(tmp_path, sp_penalty="l2_sp", sp_alpha=0.1, max_steps=3, logging_steps=10)
+    SPTrainer(model=tiny_timm_vit(), args=args, train_dataset=RandomImages()).train()
+    assert len(ends) == 3 and folds[0] == 2  # the second step's end folds its two records
