@@ -17,7 +17,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_NAME
 
 from .config import SPConfig
-from .methods import MethodContext, TransferMethod, build_methods
+from .methods import MethodContext, TransferMethod, build_methods, get_method_info
 from .methods.penalty import missing_anchor_error
 from .model_card import SPCardInfo, hyperparameters_from_args, render_model_card, with_trainer_card_arguments
 from .models import is_timm_model, timm_layout_state_dict, wrap_timm_model
@@ -37,6 +37,10 @@ STARTED_ATTR = "_hf_sp_started"
 def _saved_keys(path: Path) -> set[str]:
     with safe_open(str(path), framework="pt") as f:
         return set(f.keys())
+
+
+#: A method that leaves this alone does not hook the optimizer.
+_NO_OPTIMIZER = TransferMethod.configure_optimizer
 
 
 class _StepEnd(TrainerCallback):
@@ -111,8 +115,18 @@ class SPTrainer(Trainer):
         super().create_accelerator_and_postprocess()
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         config = getattr(getattr(plugin, "hf_ds_config", None), "config", None)
-        if config is not None and "gradient_clipping" not in config:
+        if config is None:
+            return
+        if "gradient_clipping" not in config:
             config["gradient_clipping"] = self.args.max_grad_norm
+        hooked = [n for n in self.args.methods() if get_method_info(n).cls.configure_optimizer is not _NO_OPTIMIZER]
+        if "optimizer" in config and hooked:
+            raise ValueError(
+                f"The DeepSpeed configuration has an \"optimizer\" section: DeepSpeed builds that optimizer itself, "
+                f"where the step of {', '.join(hooked)} cannot reach it (the sp_* methods hook the optimizer that "
+                "Trainer builds). Remove the section and choose the optimizer with optim, optim_args and "
+                "learning_rate (ZeRO-Offload with it: zero_force_ds_cpu_optimizer: false)."
+            )
 
     # ----------------------------------------------------------------------------------------
     # The methods and what they see

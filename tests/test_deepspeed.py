@@ -37,6 +37,8 @@ extra = {}
 if case == "explicit":
     config["gradient_clipping"] = 0.5
     extra["max_grad_norm"] = 0.5
+if case == "optimizer":
+    config["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "torch_adam": True}}
 if case == "launch":  # what accelerate launch --use_deepspeed --deepspeed_config_file sets
     with open(os.path.join(out, "ds.json"), "w") as f:
         json.dump(config, f)
@@ -64,3 +66,19 @@ def test_a_deepspeed_config_without_clipping_follows_max_grad_norm(tmp_path, cas
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == expected
+
+
+def test_a_deepspeed_optimizer_section_is_refused_by_name(tmp_path):
+    """DeepSpeed builds that optimizer itself, where the penalty's step hook cannot reach it: the run crashed on
+    Trainer's placeholder optimizer (AttributeError) before the fix."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", CLIPPING, "optimizer", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode != 0
+    assert 'ValueError: The DeepSpeed configuration has an "optimizer" section' in result.stderr
+    assert "where the step of penalty cannot reach it" in result.stderr
