@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import weakref
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_NAME
 
 from .config import SPConfig
-from .methods import MethodContext, TransferMethod, build_methods, get_method_info
+from .methods import MethodContext, TransferMethod, build_methods
 from .methods.penalty import missing_anchor_error
 from .model_card import SPCardInfo, hyperparameters_from_args, render_model_card, with_trainer_card_arguments
 from .models import is_timm_model, timm_layout_state_dict, wrap_timm_model
@@ -39,20 +38,16 @@ def _saved_keys(path: Path) -> set[str]:
         return set(f.keys())
 
 
-#: A method that leaves this alone does not hook the optimizer.
-_NO_OPTIMIZER = TransferMethod.configure_optimizer
-
-
 class _StepEnd(TrainerCallback):
     """Ends the regularizer's engine step where Trainer's step ends: DeepSpeed ZeRO-3 steps the optimizer once per
     sub-group, and its gradient scaler may skip one of those calls alone (see :meth:`SPRegularizer.end_step`)."""
 
     def __init__(self, trainer: SPTrainer) -> None:
-        self._trainer = weakref.ref(trainer)
+        # held, not weakly: a trainer is pickled whole (Ray's hyperparameter search), and a weak reference cannot be
+        self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
-        trainer = self._trainer()
-        reg = trainer.sp_regularizer if trainer is not None else None
+        reg = self.trainer.sp_regularizer
         if reg is not None:
             reg.end_step()
 
@@ -119,13 +114,13 @@ class SPTrainer(Trainer):
             return
         if "gradient_clipping" not in config:
             config["gradient_clipping"] = self.args.max_grad_norm
-        hooked = [n for n in self.args.methods() if get_method_info(n).cls.configure_optimizer is not _NO_OPTIMIZER]
-        if "optimizer" in config and hooked:
+        methods = self.args.methods()
+        if "optimizer" in config and methods:
             raise ValueError(
-                f"The DeepSpeed configuration has an \"optimizer\" section: DeepSpeed builds that optimizer itself, "
-                f"where the step of {', '.join(hooked)} cannot reach it (the sp_* methods hook the optimizer that "
-                "Trainer builds). Remove the section and choose the optimizer with optim, optim_args and "
-                "learning_rate (ZeRO-Offload with it: zero_force_ds_cpu_optimizer: false)."
+                f"The DeepSpeed configuration has an \"optimizer\" section: DeepSpeed builds that optimizer (and its "
+                f"scheduler) itself, out of reach of the methods ({', '.join(methods)}), which configure and hook the "
+                "optimizer and scheduler that Trainer builds. Remove the section and choose the optimizer with optim, "
+                "optim_args and learning_rate (ZeRO-Offload with it: zero_force_ds_cpu_optimizer: false)."
             )
 
     # ----------------------------------------------------------------------------------------

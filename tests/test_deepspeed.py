@@ -37,15 +37,17 @@ extra = {}
 if case == "explicit":
     config["gradient_clipping"] = 0.5
     extra["max_grad_norm"] = 0.5
-if case == "optimizer":
+if case in ("optimizer", "probe_optimizer"):
     config["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "torch_adam": True}}
+if case == "probe_optimizer":  # a method that hooks no step, only the head's initialisation
+    extra.update(sp_penalty="none", sp_head_init="probe")
 if case == "launch":  # what accelerate launch --use_deepspeed --deepspeed_config_file sets
     with open(os.path.join(out, "ds.json"), "w") as f:
         json.dump(config, f)
     os.environ.update(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_CONFIG_FILE=os.path.join(out, "ds.json"))
 else:
     extra["deepspeed"] = config
-args = SPConfig(output_dir=out, sp_penalty="l2_sp", use_cpu=True, report_to=[], **extra)
+args = SPConfig(output_dir=out, use_cpu=True, report_to=[], **{"sp_penalty": "l2_sp", **extra})
 trainer = SPTrainer(model=_tiny_vit(), args=args)
 print(json.dumps([args.max_grad_norm, trainer.accelerator.state.deepspeed_plugin.hf_ds_config.config["gradient_clipping"]]))
 """
@@ -68,17 +70,18 @@ def test_a_deepspeed_config_without_clipping_follows_max_grad_norm(tmp_path, cas
     assert json.loads(result.stdout.strip().splitlines()[-1]) == expected
 
 
-def test_a_deepspeed_optimizer_section_is_refused_by_name(tmp_path):
-    """DeepSpeed builds that optimizer itself, where the penalty's step hook cannot reach it: the run crashed on
-    Trainer's placeholder optimizer (AttributeError) before the fix."""
+@pytest.mark.parametrize("case, methods", [("optimizer", "penalty"), ("probe_optimizer", "probe_head")])
+def test_a_deepspeed_optimizer_section_is_refused_by_name(tmp_path, case, methods):
+    """DeepSpeed builds that optimizer and scheduler itself, out of reach of the methods: the run crashed on
+    Trainer's placeholders (an AttributeError, or an error blaming the user's scheduler) before the fix."""
     import os
     import subprocess
     import sys
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-c", CLIPPING, "optimizer", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", CLIPPING, case, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode != 0
     assert 'ValueError: The DeepSpeed configuration has an "optimizer" section' in result.stderr
-    assert "where the step of penalty cannot reach it" in result.stderr
+    assert f"out of reach of the methods ({methods})" in result.stderr

@@ -495,3 +495,33 @@ def test_the_trainer_ends_each_engine_step_and_folds_on_time(tmp_path, monkeypat
     args = make_args(tmp_path, sp_penalty="l2_sp", sp_alpha=0.1, max_steps=3, logging_steps=10)
     SPTrainer(model=tiny_timm_vit(), args=args, train_dataset=RandomImages()).train()
     assert len(ends) == 3 and folds[0] == 2  # the second step's end folds its two records
+
+
+PICKLE_TRAINER = """
+import sys
+import cloudpickle
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from conftest import RandomImages, make_args, tiny_vit
+from hf_sp import SPTrainer
+args = make_args(Path(sys.argv[2]), sp_penalty="l2_sp", max_steps=1)
+trainer = SPTrainer(model_init=lambda: tiny_vit(), args=args, train_dataset=RandomImages())
+trainer.model = None
+assert type(cloudpickle.loads(cloudpickle.dumps(trainer))).__name__ == "SPTrainer"
+"""
+
+
+def test_the_trainer_pickles_whole(tmp_path):
+    """Ray's hyperparameter search pickles the trainer (model_init, no model): nothing of SPTrainer's may stop it
+    (a weak reference in its step-end callback did). A fresh process: what accelerate's shared state holds after
+    other runs in this one is not SPTrainer's."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("cloudpickle")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    result = subprocess.run(
+        [sys.executable, "-c", PICKLE_TRAINER, tests, str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
