@@ -375,9 +375,9 @@ class SPRegularizer:
         every rank decides alike; it runs only where the rest holds, and after the first step the state is not
         empty: one look."""
         groups = optimizer.param_groups
-        # torch's fill sets every "lr" to 0.0; a real step may have none (Adafactor's relative step: lr=None)
         if optimizer.state or self._pending:
             return False
+        # torch's fill sets every "lr" to 0.0; a real step may have none (Adafactor's relative step: lr=None)
         if any(g["lr"] is None or float(g["lr"]) != 0.0 for g in groups if "lr" in g):
             return False
         grads = [_local(p.grad) for g in groups for p in g["params"] if p.grad is not None]
