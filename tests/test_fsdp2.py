@@ -1,5 +1,6 @@
 """SP's step hook under FSDP2 on CPU (``fully_shard``, gloo, 2 ranks) equals the unsharded steps, and a run resumed
-from its sharded or full checkpoint keeps its anchors and ends where the uninterrupted run ends."""
+from its sharded or full checkpoint (torch.distributed.checkpoint's, and accelerate's own FSDP2 optimizer save and
+load with either state dict type) keeps its anchors and ends where the uninterrupted run ends."""
 
 from __future__ import annotations
 
@@ -38,12 +39,13 @@ def test_fsdp2_two_ranks_equal_the_unsharded_steps_and_resume(tmp_path, penalty)
     result = subprocess.run([*cmd, penalty, "fsdp2"], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    for run in ("final", "resumed", "resumed_full"):
+    resumed = ("resumed", "resumed_full", "accelerate_FULL", "accelerate_SHARDED")
+    for run in ("final", *resumed):
         state = load_file(tmp_path / f"{run}.safetensors")
         assert state.keys() == expected.keys()
         for name, value in expected.items():
             torch.testing.assert_close(state[name], value, rtol=1e-9, atol=1e-11, msg=f"{run}: {name}")
     assert metrics["full"] == [pytest.approx(m, rel=1e-9) for m in expected_metrics]  # summed over ranks once
-    for run in ("resumed", "resumed_full"):  # the anchors came back with the optimizer state
+    for run in resumed:  # the anchors came back with the optimizer state
         assert metrics[run] == [pytest.approx(m, rel=1e-9) for m in expected_metrics[script.STEPS // 2 :]]
     assert expected_metrics[-1]["sp_dist"] > 0

@@ -6,9 +6,10 @@ torchrun --nproc_per_node 2 tests/scripts/fsdp2_sp.py OUT_DIR PENALTY fsdp2
 Every rank computes the loss of the same batch, so FSDP2's averaged gradients are the unsharded ones, and the
 parameters (DTensors sharded on dim 0, some shards empty) must end where the unsharded run ends. After
 ``STEPS // 2`` steps the fsdp2 run also saves its model and optimizer state (the anchors in it) twice, sharded by
-``torch.distributed.checkpoint`` and in full, and finishes the run from each in a fresh model, optimizer and
-regularizer that may not capture an anchor. Rank 0 writes ``final.safetensors`` (and ``resumed.safetensors``,
-``resumed_full.safetensors``) and ``metrics.json``, float64 throughout.
+``torch.distributed.checkpoint`` and in full, and its optimizer state through accelerate's own FSDP2
+``save_fsdp_optimizer`` (FULL and SHARDED state dicts), and finishes the run from each in a fresh model, optimizer
+and regularizer that may not capture an anchor. Rank 0 writes ``final.safetensors`` (and one file per resumed run)
+and ``metrics.json``, float64 throughout.
 """
 
 from __future__ import annotations
@@ -63,7 +64,9 @@ def model_and_regularizer(penalty: str, sharded: bool, capture: bool):
 
 def train(model, optimizer, reg, steps: range, metrics: list) -> None:
     g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(6, 3, 16, 16, generator=g, dtype=torch.float64), torch.arange(6) % 4) for _ in range(STEPS)]
+    batches = [
+        (torch.randn(6, 3, 16, 16, generator=g, dtype=torch.float64), torch.arange(6) % 4) for _ in range(STEPS)
+    ]
     for step in steps:
         x, y = batches[step]
         F.cross_entropy(model(x), y).backward()
@@ -100,13 +103,51 @@ def resume(penalty: str, out: Path, full: bool, metrics: list) -> dict[str, torc
     return full_state(model)
 
 
+def _accelerate(kind: str):
+    """What accelerate's FSDP2 optimizer checkpoints read of their plugin and accelerator (``kind``: "FULL" or
+    "SHARDED", the plugin's state dict type): its own save and load functions run on them."""
+    from types import SimpleNamespace
+
+    from accelerate import PartialState
+    from torch.distributed.fsdp import StateDictType
+
+    PartialState(cpu=True)  # accelerate's logging asks for it (the process group is there already)
+
+    plugin = SimpleNamespace(
+        fsdp_version=2,
+        state_dict_type=getattr(StateDictType, f"{kind}_STATE_DICT"),
+        state_dict_config=SimpleNamespace(offload_to_cpu=kind == "FULL", rank0_only=False),
+        optim_state_dict_config=SimpleNamespace(offload_to_cpu=kind == "FULL", rank0_only=False),
+    )
+    accelerator = SimpleNamespace(process_index=dist.get_rank(), wait_for_everyone=dist.barrier)
+    return plugin, accelerator
+
+
+def resume_through_accelerate(penalty: str, out: Path, kind: str, metrics: list) -> dict[str, torch.Tensor]:
+    """As :func:`resume`, the optimizer loaded by accelerate's ``load_fsdp_optimizer`` from what its
+    ``save_fsdp_optimizer`` wrote (``kind``: the state dict type), the model from the sharded checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from accelerate.utils.fsdp_utils import load_fsdp_optimizer
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    model, optimizer, reg = model_and_regularizer(penalty, sharded=True, capture=False)
+    state = {"model": get_model_state_dict(model)}
+    dcp.load(state, checkpoint_id=str(out / "checkpoint"))
+    set_model_state_dict(model, state["model"])
+    plugin, accelerator = _accelerate(kind)
+    load_fsdp_optimizer(plugin, accelerator, optimizer, model, str(out / f"accelerate_{kind}"))
+    train(model, optimizer, reg, range(STEPS // 2, STEPS), metrics)
+    return full_state(model)
+
+
 def main() -> None:
     out, penalty, mode = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
     out.mkdir(parents=True, exist_ok=True)
     sharded = mode == "fsdp2"
     if sharded:
         dist.init_process_group("gloo")
-    metrics: dict[str, list] = {"full": [], "resumed": [], "resumed_full": []}
+    runs = ("full", "resumed", "resumed_full", "accelerate_FULL", "accelerate_SHARDED")
+    metrics: dict[str, list] = {run: [] for run in runs}
     model, optimizer, reg = model_and_regularizer(penalty, sharded, capture=True)
     train(model, optimizer, reg, range(STEPS // 2), metrics["full"])
     if sharded:
@@ -120,11 +161,19 @@ def main() -> None:
         if dist.get_rank() == 0:
             torch.save({"model": model_sd, "optim": optim_sd}, out / "full_state.pt")
         dist.barrier()
+        from accelerate.utils.fsdp_utils import save_fsdp_optimizer
+
+        for kind in ("FULL", "SHARDED"):
+            plugin, accelerator = _accelerate(kind)
+            save_fsdp_optimizer(plugin, accelerator, optimizer, model, str(out / f"accelerate_{kind}"))
     train(model, optimizer, reg, range(STEPS // 2, STEPS), metrics["full"])
     states = {"final": full_state(model)}
     if sharded:
         states["resumed"] = resume(penalty, out, False, metrics["resumed"])
         states["resumed_full"] = resume(penalty, out, True, metrics["resumed_full"])
+        for kind in ("FULL", "SHARDED"):
+            run = f"accelerate_{kind}"
+            states[run] = resume_through_accelerate(penalty, out, kind, metrics[run])
     if not sharded or dist.get_rank() == 0:
         for name, state in states.items():
             save_file(state, str(out / f"{name}.safetensors"))
