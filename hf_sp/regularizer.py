@@ -270,12 +270,17 @@ class SPRegularizer:
                     "sp_beta the new head."
                 )
 
+    @property
+    def _state_keys(self) -> tuple[str, ...]:
+        """The optimizer-state entries of an anchored tensor: its anchor, and its Fisher where the penalty needs it."""
+        return (ANCHOR_KEY, FISHER_KEY) if self.info.needs_fisher else (ANCHOR_KEY,)
+
     def missing_anchors(self, optimizer: torch.optim.Optimizer) -> list[str]:
         """Names of anchored parameters whose optimizer state lacks the anchor (or the Fisher it needs), or still
         holds a placeholder of :meth:`_fill_empty_state` that a checkpoint did not replace. With ``all_reduce``
         (sharded engines) it is a collective, to be called on every rank: a rank whose own shards are complete
         (or empty) reports ``"(another rank's shard)"`` where another rank's are not, so that all ranks agree."""
-        keys = (ANCHOR_KEY, FISHER_KEY) if self.info.needs_fisher else (ANCHOR_KEY,)
+        keys = self._state_keys
         missing = []
         for group in optimizer.param_groups:
             if group.get(ROLE_KEY) == "anchored":
@@ -395,7 +400,7 @@ class SPRegularizer:
         if self.capture_allowed:
             self._capture_all(optimizer)
             return
-        keys = (ANCHOR_KEY, FISHER_KEY) if self.info.needs_fisher else (ANCHOR_KEY,)
+        keys = self._state_keys
         for group in optimizer.param_groups:
             if group.get(ROLE_KEY) == "anchored":
                 for p in group["params"]:

@@ -397,56 +397,58 @@ def _engines(device: torch.device) -> tuple[list[str], dict[str, Any]]:
     """The runs of the sharded section, and those skipped with the reason: FSDP2 and DeepSpeed ZeRO-3 on CUDA; on
     the CPU a plain run and DeepSpeed ZeRO-3 (its CPU accelerator, gloo), where DeepSpeed is installed
     (transformers takes FSDP on GPUs only)."""
+    skipped: dict[str, Any] = {}
     try:
         import deepspeed  # noqa: F401
     except ImportError:
-        deepspeed_skipped = {"deepspeed_zero3": {"status": "skipped: deepspeed is not installed"}}
-    else:
-        deepspeed_skipped = {}
-    skipped = dict(deepspeed_skipped)
+        skipped["deepspeed_zero3"] = {"status": "skipped: deepspeed is not installed"}
     if device.type != "cuda":
         skipped["fsdp2"] = {"status": "skipped: transformers takes FSDP on GPUs only"}
     return ["single_process", *(e for e in ENGINES if e not in skipped)], skipped
 
 
+def _run_engine(engine: str, device: torch.device) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+    """``engine``'s runs in their own process, then the models they saved loaded here: the record, and the
+    uninterrupted run's final weights (``None`` where they are missing)."""
+    with tempfile.TemporaryDirectory(prefix=f"hf_sp_{engine}_") as tmp:
+        cmd = [sys.executable, "-m", "hf_sp_research.gpu_check", "--sharded-child", engine, tmp, device.type]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=ENGINE_TIMEOUT_S)
+        except subprocess.TimeoutExpired as error:
+            parts = (error.stdout, error.stderr)
+            log = "".join(t.decode(errors="replace") if isinstance(t, bytes) else t or "" for t in parts)
+            return {"status": f"timed out ({ENGINE_TIMEOUT_S} s)", "log_tail": log[-3000:]}, None
+        result_path = Path(tmp) / "result.json"
+        if proc.returncode != 0 or not result_path.is_file():
+            return {"status": f"failed ({proc.returncode})", "log_tail": (proc.stdout + proc.stderr)[-3000:]}, None
+        record = json.loads(result_path.read_text())
+        try:
+            facts, final = _published(Path(tmp), record["precision"])
+        except Exception as error:  # noqa: BLE001 - recorded beside the run's own facts
+            facts, final = {"loads_in_transformers": False, **_failure(f"loading {engine}", error)}, None
+        return {**record, **facts}, final
+
+
 def sharded(plan: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Each engine of :func:`_engines` in its own process (``plan`` is not used: the engines train their own small
-    ViT), then the models it saved loaded here; each engine's final weights against the single process's."""
+    """Each engine of :func:`_engines` (:func:`_run_engine`; ``plan`` is not used: the engines train their own small
+    ViT), each engine's final weights and logged distance against the single process's."""
     runs, out = _engines(device)
     reference: dict[str, torch.Tensor] | None = None
     for engine in runs:
-        with tempfile.TemporaryDirectory(prefix=f"hf_sp_{engine}_") as tmp:
-            result_path = Path(tmp) / "result.json"
-            cmd = [sys.executable, "-m", "hf_sp_research.gpu_check", "--sharded-child", engine, tmp, device.type]
-            t0 = time.perf_counter()
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=ENGINE_TIMEOUT_S)
-            except subprocess.TimeoutExpired as error:
-                parts = (error.stdout, error.stderr)
-                log = "".join(t.decode(errors="replace") if isinstance(t, bytes) else t or "" for t in parts)
-                out[engine] = {"status": f"timed out ({ENGINE_TIMEOUT_S} s)", "log_tail": log[-3000:]}
-            else:
-                if proc.returncode == 0 and result_path.is_file():
-                    out[engine] = json.loads(result_path.read_text())
-                    try:
-                        facts, final = _published(Path(tmp), out[engine]["precision"])
-                    except Exception as error:  # noqa: BLE001 - recorded beside the run's own facts
-                        facts, final = {"loads_in_transformers": False, **_failure(f"loading {engine}", error)}, None
-                    out[engine].update(facts)
-                    if engine == "single_process":
-                        reference = final
-                    elif final is not None and reference is not None:  # the engine changes nothing but the layout
-                        diff = max(float((final[k].float() - reference[k].float()).abs().max()) for k in reference)
-                        out[engine]["single_process_max_abs_diff"] = diff
-                        out[engine]["equals_single_process"] = diff <= _tolerance(out[engine]["precision"])
-                        # the logged distance to the start: summed over ranks and sub-groups once
-                        out[engine]["sp_dist_equals_single_process"] = _same_values(
-                            out[engine]["sp_dist"], out["single_process"]["sp_dist"], out[engine]["precision"]
-                        )
-                else:
-                    log = proc.stdout + proc.stderr
-                    out[engine] = {"status": f"failed ({proc.returncode})", "log_tail": log[-3000:]}
-            out[engine]["seconds"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out[engine], final = _run_engine(engine, device)
+        if engine == "single_process":
+            reference = final
+        elif final is not None and reference is not None:  # the engine changes nothing but the layout
+            r = out[engine]
+            diff = max(float((final[k].float() - reference[k].float()).abs().max()) for k in reference)
+            r["single_process_max_abs_diff"] = diff
+            r["equals_single_process"] = diff <= _tolerance(r["precision"])
+            # the logged distance to the start: summed over ranks and sub-groups once
+            r["sp_dist_equals_single_process"] = _same_values(
+                r["sp_dist"], out["single_process"]["sp_dist"], r["precision"]
+            )
+        out[engine]["seconds"] = time.perf_counter() - t0
         _log(f"sharded {engine}: {out[engine]['status']}")
     return out
 
