@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 SCRIPT = Path(__file__).parent / "scripts" / "fsdp2_sp.py"
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("fsdp2_sp", SCRIPT)
+def _script(path: Path = SCRIPT):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -49,3 +49,43 @@ def test_fsdp2_two_ranks_equal_the_unsharded_steps_and_resume(tmp_path, penalty)
     for run in resumed:  # the anchors came back with the optimizer state
         assert metrics[run] == [pytest.approx(m, rel=1e-9) for m in expected_metrics[script.STEPS // 2 :]]
     assert expected_metrics[-1]["sp_dist"] > 0
+
+
+TRAINER_SCRIPT = Path(__file__).parent / "scripts" / "fsdp2_trainer.py"
+
+
+@pytest.mark.slow
+def test_sptrainer_under_fsdp2_equals_one_process_and_resumes(tmp_path):
+    """SPTrainer through transformers' and accelerate's FSDP2 (2 ranks on CPU, sharded checkpoints) ends where one
+    process with the same global batch ends, logs the same penalty and distance (summed over ranks once), and a
+    run resumed from its mid-run checkpoint takes its anchors from it and ends where the uninterrupted run ends."""
+    from hf_sp_research.gpu_check import _tiny_vit
+
+    steps = _script(TRAINER_SCRIPT).STEPS
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    commands = [
+        [sys.executable, str(TRAINER_SCRIPT), str(one)],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(TRAINER_SCRIPT), str(two)],
+    ]
+    for cmd in commands:
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert json.loads((two / "engine.json").read_text()) == {"fsdp": True, "dtensors": True}
+    assert json.loads((one / "engine.json").read_text()) == {"fsdp": False, "dtensors": False}
+    expected = load_file(one / "full.safetensors")
+    start = _tiny_vit().state_dict()
+    for run in ("full", "resumed"):
+        state = load_file(two / f"{run}.safetensors")
+        assert state.keys() == expected.keys()
+        for name, value in expected.items():
+            torch.testing.assert_close(state[name], value, rtol=1e-4, atol=1e-6, msg=f"{run}: {name}")
+    assert max(float((expected[k] - start[k]).abs().max()) for k in start) > 1e-3  # the runs trained
+    metrics, reference = (json.loads((d / "metrics.json").read_text()) for d in (two, one))
+    keys = ("sp_body", "sp_head", "sp_dist", "loss")
+    rows = [[r[k] for k in keys] for r in reference["full"]]
+    assert len(rows) == steps and reference["full"][-1]["sp_dist"] > 0
+    assert [[r[k] for k in keys] for r in metrics["full"]] == [pytest.approx(row, rel=1e-4) for row in rows]
+    resumed = [[r[k] for k in keys] for r in metrics["resumed"] if r["step"] > steps // 2]
+    assert resumed == [pytest.approx(row, rel=1e-4) for row in rows[steps // 2 :]]
+

@@ -1,0 +1,115 @@
+"""SPTrainer under FSDP2 through transformers and accelerate, on CPU: 2 ranks (gloo) against one process.
+
+python tests/scripts/fsdp2_trainer.py OUT_DIR                                  # one process, batches of 8
+torchrun --nproc_per_node 2 tests/scripts/fsdp2_trainer.py OUT_DIR             # FSDP2, 4 samples a rank
+
+accelerate sets FSDP up on accelerators only: a CPU run of several processes becomes DDP. :func:`fsdp_on_cpu` makes
+the state that accelerate builds take the FSDP plugin that Trainer passes, as it does on GPUs, so that Trainer's
+own FSDP2 code runs: accelerate shards the model with ``fully_shard`` (DTensor parameters), the optimizer steps
+them, and checkpoints are written and read back sharded (``pytorch_model_fsdp_0``, ``optimizer_0``, by
+``torch.distributed.checkpoint``). Each run trains ``STEPS`` steps with a checkpoint half-way; under FSDP2 a second
+trainer then resumes from that checkpoint. Rank 0 writes each run's full weights (``{run}.safetensors``) and its
+logged records (``metrics.json``), and ``engine.json`` (whether the runs were sharded).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+STEPS = 6
+
+
+def fsdp_on_cpu() -> None:
+    """Let a multi-process CPU run take the FSDP plugin (accelerate would make it DDP)."""
+    import accelerate.state
+    from accelerate.utils import DistributedType
+
+    init = accelerate.state.AcceleratorState.__init__
+
+    def __init__(self, *args, fsdp_plugin=None, **kwargs):
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+
+    accelerate.state.AcceleratorState.__init__ = __init__
+
+
+def full_weights(trainer) -> dict[str, torch.Tensor]:
+    """The model's full weights (gathered from the shards under FSDP2; every rank must call it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if trainer.is_fsdp_enabled:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(trainer.model_wrapped, options=options)
+    else:
+        state = trainer.model.state_dict()
+    return {k: v.detach().clone().contiguous() for k, v in state.items()}
+
+
+def main(out: Path) -> None:
+    from hf_sp import SPConfig, SPTrainer
+    from hf_sp_research.benchmark import SyntheticImages
+    from hf_sp_research.gpu_check import _tiny_vit
+
+    sharded = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if sharded:
+        fsdp_on_cpu()
+        engine = {
+            "fsdp": "full_shard",
+            "fsdp_config": {
+                "fsdp_version": 2,
+                "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                "transformer_layer_cls_to_wrap": ["ViTLayer"],
+                "state_dict_type": "SHARDED_STATE_DICT",
+            },
+            "ddp_backend": "gloo",
+        }
+    else:
+        engine = {}
+
+    def args(name: str) -> SPConfig:
+        return SPConfig(
+            output_dir=str(out / name),
+            per_device_train_batch_size=4 if sharded else 8,
+            max_steps=STEPS,
+            save_strategy="steps",
+            save_steps=STEPS // 2,
+            logging_steps=1,
+            learning_rate=0.05,  # SGD, momentum 0.9 (the default with a penalty): Adam would blow the key bias's
+            # zero gradient (its rounding) up to steps of the learning rate
+            sp_penalty="l2_sp",
+            sp_alpha=0.1,
+            sp_beta=0.01,
+            report_to=[],
+            disable_tqdm=True,
+            use_cpu=True,
+            seed=0,
+            **engine,
+        )
+
+    data = SyntheticImages(48, 32, 10)
+    runs = {"full": SPTrainer(model=_tiny_vit(), args=args("full"), train_dataset=data)}
+    runs["full"].train()
+    if sharded:
+        runs["resumed"] = SPTrainer(model=_tiny_vit(), args=args("resumed"), train_dataset=data)
+        runs["resumed"].train(resume_from_checkpoint=str(out / "full" / f"checkpoint-{STEPS // 2}"))
+    weights = {name: full_weights(trainer) for name, trainer in runs.items()}
+    if int(os.environ.get("RANK", "0")) == 0:
+        for name, state in weights.items():
+            save_file(state, out / f"{name}.safetensors")
+        logged = {name: [h for h in t.state.log_history if "sp_dist" in h] for name, t in runs.items()}
+        (out / "metrics.json").write_text(json.dumps(logged))
+        full = runs["full"]
+        dtensors = all(type(p).__name__ == "DTensor" for p in full.model_wrapped.parameters())
+        (out / "engine.json").write_text(json.dumps({"fsdp": full.is_fsdp_enabled, "dtensors": dtensors}))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
