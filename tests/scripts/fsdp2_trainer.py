@@ -1,7 +1,7 @@
 """SPTrainer under FSDP2 through transformers and accelerate, on CPU: 2 ranks (gloo) against one process.
 
-python tests/scripts/fsdp2_trainer.py OUT_DIR                                  # one process, batches of 8
-torchrun --nproc_per_node 2 tests/scripts/fsdp2_trainer.py OUT_DIR             # FSDP2, 4 samples a rank
+python tests/scripts/fsdp2_trainer.py OUT_DIR PENALTY [FISHER]                  # one process, batches of 8
+torchrun --nproc_per_node 2 tests/scripts/fsdp2_trainer.py OUT_DIR PENALTY [FISHER]     # FSDP2, 4 samples a rank
 
 accelerate sets FSDP up on accelerators only: a CPU run of several processes becomes DDP. :func:`fsdp_on_cpu` makes
 the state that accelerate builds take the FSDP plugin that Trainer passes, as it does on GPUs, so that Trainer's
@@ -23,6 +23,12 @@ import torch
 from safetensors.torch import save_file
 
 STEPS = 6
+#: Settings of each penalty's runs beyond the common ones: group lasso also accumulates gradients and clips them.
+VARIANTS = {
+    "l2_sp": {},
+    "group_lasso_sp": {"gradient_accumulation_steps": 2, "max_grad_norm": 1.0},
+    "l2_sp_fisher": {},
+}
 
 
 def fsdp_on_cpu() -> None:
@@ -53,7 +59,7 @@ def full_weights(trainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in state.items()}
 
 
-def main(out: Path) -> None:
+def main(out: Path, penalty: str, fisher: str | None) -> None:
     from hf_sp import SPConfig, SPTrainer
     from hf_sp_research.benchmark import SyntheticImages
     from hf_sp_research.gpu_check import _tiny_vit
@@ -74,31 +80,36 @@ def main(out: Path) -> None:
     else:
         engine = {}
 
+    accumulate = VARIANTS[penalty].get("gradient_accumulation_steps", 1)
+
     def args(name: str) -> SPConfig:
         return SPConfig(
             output_dir=str(out / name),
-            per_device_train_batch_size=4 if sharded else 8,
+            per_device_train_batch_size=(4 if sharded else 8) // accumulate,
             max_steps=STEPS,
             save_strategy="steps",
             save_steps=STEPS // 2,
             logging_steps=1,
             learning_rate=0.05,  # SGD, momentum 0.9 (the default with a penalty): Adam would blow the key bias's
             # zero gradient (its rounding) up to steps of the learning rate
-            sp_penalty="l2_sp",
+            sp_penalty=penalty,
             sp_alpha=0.1,
+            sp_fisher_path=fisher,
             sp_beta=0.01,
             report_to=[],
             disable_tqdm=True,
             use_cpu=True,
             seed=0,
             **engine,
+            **VARIANTS[penalty],
         )
 
     data = SyntheticImages(48, 32, 10)
-    runs = {"full": SPTrainer(model=_tiny_vit(), args=args("full"), train_dataset=data)}
+    data.x = data.x.double()  # float64 throughout: group lasso's unit vectors turn fp32 rounding into visible steps
+    runs = {"full": SPTrainer(model=_tiny_vit().double(), args=args("full"), train_dataset=data)}
     runs["full"].train()
     if sharded:
-        runs["resumed"] = SPTrainer(model=_tiny_vit(), args=args("resumed"), train_dataset=data)
+        runs["resumed"] = SPTrainer(model=_tiny_vit().double(), args=args("resumed"), train_dataset=data)
         runs["resumed"].train(resume_from_checkpoint=str(out / "full" / f"checkpoint-{STEPS // 2}"))
     weights = {name: full_weights(trainer) for name, trainer in runs.items()}
     if int(os.environ.get("RANK", "0")) == 0:
@@ -112,4 +123,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None)
