@@ -10,7 +10,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 ARGS ?=
 PYTEST_ARGS ?=
 # DeepSpeed (tests/test_deepspeed.py runs ZeRO-3 on the CPU) has only a source release, whose build imports torch:
-# it is installed after torch, without build isolation. DEEPSPEED= leaves it out (its tests then skip).
+# it is installed after torch, without build isolation. DEEPSPEED= leaves it out (uninstalled; its tests then skip).
 DEEPSPEED ?= deepspeed==0.19.8
 
 BIN := $(VENV)/bin
@@ -18,6 +18,8 @@ BIN := $(VENV)/bin
 TORCH_STAMP := $(VENV)/.torch-$(shell printf "%s" "$(TORCH)" | cksum | cut -d " " -f 1)
 # the package and its dev extras, installed again when pyproject.toml changes
 DEV_STAMP := $(VENV)/.dev-installed
+# one stamp per DEEPSPEED value, as for TORCH
+DEEPSPEED_STAMP := $(VENV)/.deepspeed-$(shell printf "%s" "$(DEEPSPEED)" | cksum | cut -d " " -f 1)
 
 .PHONY: run test lint install
 
@@ -30,7 +32,7 @@ test: install
 lint: install
 	$(BIN)/ruff check hf_sp hf_sp_research tests scripts
 
-install: $(DEV_STAMP)
+install: $(DEEPSPEED_STAMP)
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +44,13 @@ $(TORCH_STAMP): | $(BIN)/python
 
 $(DEV_STAMP): pyproject.toml Makefile $(TORCH_STAMP)
 	$(BIN)/python -m pip install -e ".[dev]"
-	$(if $(DEEPSPEED),$(BIN)/python -m pip install setuptools wheel)
-	$(if $(DEEPSPEED),$(BIN)/python -m pip install --no-build-isolation "$(DEEPSPEED)")
 	touch $@
+
+$(DEEPSPEED_STAMP): $(DEV_STAMP)
+ifneq ($(strip $(DEEPSPEED)),)
+	$(BIN)/python -m pip install setuptools wheel
+	$(BIN)/python -m pip install --no-build-isolation "$(DEEPSPEED)"
+else
+	$(BIN)/python -m pip uninstall -y deepspeed
+endif
+	rm -f $(VENV)/.deepspeed-* && touch $@

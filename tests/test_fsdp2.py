@@ -57,10 +57,13 @@ TRAINER_SCRIPT = Path(__file__).parent / "scripts" / "fsdp2_trainer.py"
 @pytest.mark.slow
 @pytest.mark.parametrize("penalty", ["l2_sp", "group_lasso_sp", "l2_sp_fisher"])
 def test_sptrainer_under_fsdp2_equals_one_process_and_resumes(tmp_path, penalty):
-    """SPTrainer through transformers' and accelerate's FSDP2 (2 ranks on CPU, sharded checkpoints) ends where one
-    process with the same global batch ends, logs the same penalty and distance (summed over ranks once), and a
-    run resumed from its mid-run checkpoint takes its anchors from it and ends where the uninterrupted run ends
-    (float64; group lasso with gradient accumulation and clipping; the Fisher from a file)."""
+    """SPTrainer through transformers' and accelerate's FSDP2 (2 ranks on CPU) ends where one process with the same
+    global batch ends and logs the same penalty and distance (summed over the ranks once); a run resumed from its
+    mid-run checkpoint, given other weights and another Fisher, takes the anchors and the Fisher from the checkpoint
+    and ends where the uninterrupted run ends (float64; group lasso with gradient accumulation and clipping; the
+    Fisher penalty with full state dicts, its published model loaded by plain transformers, the others sharded)."""
+    from transformers import AutoModelForImageClassification
+
     from hf_sp import save_fisher
     from hf_sp_research.gpu_check import _tiny_vit
 
@@ -69,19 +72,18 @@ def test_sptrainer_under_fsdp2_equals_one_process_and_resumes(tmp_path, penalty)
     one, two = tmp_path / "one", tmp_path / "two"
     start = _tiny_vit().state_dict()
     extra = [penalty]
-    if penalty == "l2_sp_fisher":  # any positive diagonal
+    if penalty == "l2_sp_fisher":  # any positive diagonals: the run's, and another one for the resumed run
         g = torch.Generator().manual_seed(3)
-        save_fisher({k: torch.rand(v.shape, generator=g) for k, v in start.items()}, tmp_path / "fisher.safetensors")
-        extra.append(str(tmp_path / "fisher.safetensors"))
-    commands = [
-        [sys.executable, str(TRAINER_SCRIPT), str(one), *extra],
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(TRAINER_SCRIPT), str(two), *extra],
-    ]
-    for cmd in commands:
+        for name in ("fisher", "other_fisher"):
+            save_fisher({k: torch.rand(v.shape, generator=g) for k, v in start.items()}, tmp_path / f"{name}.st")
+            extra.append(str(tmp_path / f"{name}.st"))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    for cmd in ([sys.executable, str(TRAINER_SCRIPT), str(one), *extra], [*launch, str(TRAINER_SCRIPT), str(two), *extra]):
         result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert json.loads((two / "engine.json").read_text()) == {"fsdp": True, "dtensors": True}
-    assert json.loads((one / "engine.json").read_text()) == {"fsdp": False, "dtensors": False}
+        errors = "\n".join(line for line in result.stderr.splitlines() if "Error" in line)
+        assert result.returncode == 0, errors + "\n" + result.stdout[-2000:] + result.stderr[-3000:]
+    assert json.loads((two / "engine.json").read_text()) == {"fsdp2": True, "dtensors": True}  # to the end
+    assert json.loads((one / "engine.json").read_text()) == {"fsdp2": False, "dtensors": False}
     expected = load_file(one / "full.safetensors")
     for run in ("full", "resumed"):
         state = load_file(two / f"{run}.safetensors")
@@ -89,6 +91,11 @@ def test_sptrainer_under_fsdp2_equals_one_process_and_resumes(tmp_path, penalty)
         for name, value in expected.items():
             torch.testing.assert_close(state[name], value, rtol=1e-9, atol=1e-11, msg=f"{run}: {name}")
     assert max(float((expected[k] - start[k].double()).abs().max()) for k in start) > 1e-3  # the runs trained
+    if penalty == "l2_sp_fisher":
+        published = AutoModelForImageClassification.from_pretrained(two / "published").state_dict()
+        assert published.keys() == expected.keys()
+        for name, value in expected.items():
+            torch.testing.assert_close(published[name].double(), value, rtol=1e-6, atol=1e-8, msg=name)
     metrics, reference = (json.loads((d / "metrics.json").read_text()) for d in (two, one))
     rows = reference["full"]
     assert len(rows) == steps and rows[-1]["sp_dist"] > 0

@@ -1,15 +1,19 @@
 """SPTrainer under FSDP2 through transformers and accelerate, on CPU: 2 ranks (gloo) against one process.
 
-python tests/scripts/fsdp2_trainer.py OUT_DIR PENALTY [FISHER]                  # one process, batches of 8
-torchrun --nproc_per_node 2 tests/scripts/fsdp2_trainer.py OUT_DIR PENALTY [FISHER]     # FSDP2, 4 samples a rank
+python tests/scripts/fsdp2_trainer.py OUT_DIR PENALTY [FISHER OTHER_FISHER]               # one process, batches of 8
+torchrun --standalone --nproc_per_node 2 tests/scripts/fsdp2_trainer.py OUT_DIR PENALTY [...]  # FSDP2, 4 a rank
 
 accelerate sets FSDP up on accelerators only: a CPU run of several processes becomes DDP. :func:`fsdp_on_cpu` makes
 the state that accelerate builds take the FSDP plugin that Trainer passes, as it does on GPUs, so that Trainer's
 own FSDP2 code runs: accelerate shards the model with ``fully_shard`` (DTensor parameters), the optimizer steps
-them, and checkpoints are written and read back sharded (``pytorch_model_fsdp_0``, ``optimizer_0``, by
-``torch.distributed.checkpoint``). Each run trains ``STEPS`` steps with a checkpoint half-way; under FSDP2 a second
-trainer then resumes from that checkpoint. Rank 0 writes each run's full weights (``{run}.safetensors``) and its
-logged records (``metrics.json``), and ``engine.json`` (whether the runs were sharded).
+them, gradient accumulation skips the gradient sync as FSDP2 does, and checkpoints are written and read back
+(``SHARDED_STATE_DICT``: ``pytorch_model_fsdp_0``, ``optimizer_0`` by ``torch.distributed.checkpoint``;
+``FULL_STATE_DICT``: ``model.safetensors``, ``optimizer.bin``). Each run trains ``STEPS`` steps with a checkpoint
+half-way; under FSDP2 a second trainer then resumes from that checkpoint, with a model of other weights and, for
+the Fisher penalty, another Fisher file (``OTHER_FISHER``): both must come from the checkpoint. Rank 0 writes each
+run's full weights (``{run}.safetensors``), its logged records (``metrics.json``) and ``engine.json`` (whether
+accelerate still ran FSDP2 after training, and whether the parameters were DTensors); with ``FULL_STATE_DICT`` the
+uninterrupted run also publishes its model with ``save_model`` (``published/``).
 """
 
 from __future__ import annotations
@@ -23,16 +27,18 @@ import torch
 from safetensors.torch import save_file
 
 STEPS = 6
-#: Settings of each penalty's runs beyond the common ones: group lasso also accumulates gradients and clips them.
+#: Settings of each penalty's runs beyond the common ones: group lasso also accumulates gradients and clips them;
+#: the Fisher penalty's checkpoints hold full state dicts, the others' are sharded.
 VARIANTS = {
     "l2_sp": {},
     "group_lasso_sp": {"gradient_accumulation_steps": 2, "max_grad_norm": 1.0},
-    "l2_sp_fisher": {},
+    "l2_sp_fisher": {"state_dict_type": "FULL_STATE_DICT"},
 }
 
 
 def fsdp_on_cpu() -> None:
-    """Let a multi-process CPU run take the FSDP plugin (accelerate would make it DDP)."""
+    """Let a multi-process CPU run take the FSDP plugin (accelerate would make it DDP): the accelerator state and the
+    process state it copies its type from again at each construction, as accelerate sets both on GPUs."""
     import accelerate.state
     from accelerate.utils import DistributedType
 
@@ -41,6 +47,7 @@ def fsdp_on_cpu() -> None:
     def __init__(self, *args, fsdp_plugin=None, **kwargs):
         init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
         if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            accelerate.state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
             self.distributed_type = DistributedType.FSDP
             self.fsdp_plugin = fsdp_plugin
 
@@ -59,12 +66,14 @@ def full_weights(trainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in state.items()}
 
 
-def main(out: Path, penalty: str, fisher: str | None) -> None:
+def main(out: Path, penalty: str, fishers: list[str]) -> None:
     from hf_sp import SPConfig, SPTrainer
     from hf_sp_research.benchmark import SyntheticImages
     from hf_sp_research.gpu_check import _tiny_vit
 
     sharded = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    variant = dict(VARIANTS[penalty])
+    state_dict_type = variant.pop("state_dict_type", "SHARDED_STATE_DICT")
     if sharded:
         fsdp_on_cpu()
         engine = {
@@ -73,16 +82,16 @@ def main(out: Path, penalty: str, fisher: str | None) -> None:
                 "fsdp_version": 2,
                 "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
                 "transformer_layer_cls_to_wrap": ["ViTLayer"],
-                "state_dict_type": "SHARDED_STATE_DICT",
+                "state_dict_type": state_dict_type,
             },
             "ddp_backend": "gloo",
         }
     else:
         engine = {}
 
-    accumulate = VARIANTS[penalty].get("gradient_accumulation_steps", 1)
+    accumulate = variant.get("gradient_accumulation_steps", 1)
 
-    def args(name: str) -> SPConfig:
+    def args(name: str, fisher: str | None) -> SPConfig:
         return SPConfig(
             output_dir=str(out / name),
             per_device_train_batch_size=(4 if sharded else 8) // accumulate,
@@ -101,16 +110,24 @@ def main(out: Path, penalty: str, fisher: str | None) -> None:
             use_cpu=True,
             seed=0,
             **engine,
-            **VARIANTS[penalty],
+            **variant,
         )
 
     data = SyntheticImages(48, 32, 10)
     data.x = data.x.double()  # float64 throughout: group lasso's unit vectors turn fp32 rounding into visible steps
-    runs = {"full": SPTrainer(model=_tiny_vit().double(), args=args("full"), train_dataset=data)}
+    fisher, other_fisher = (fishers + [None, None])[:2]
+    runs = {"full": SPTrainer(model=_tiny_vit().double(), args=args("full", fisher), train_dataset=data)}
     runs["full"].train()
     if sharded:
-        runs["resumed"] = SPTrainer(model=_tiny_vit().double(), args=args("resumed"), train_dataset=data)
+        model = _tiny_vit().double()  # other weights than the start: the anchors must come from the checkpoint
+        g = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype), alpha=0.05)
+        runs["resumed"] = SPTrainer(model=model, args=args("resumed", other_fisher), train_dataset=data)
         runs["resumed"].train(resume_from_checkpoint=str(out / "full" / f"checkpoint-{STEPS // 2}"))
+        if state_dict_type == "FULL_STATE_DICT":
+            runs["full"].save_model(str(out / "published"))
     weights = {name: full_weights(trainer) for name, trainer in runs.items()}
     if int(os.environ.get("RANK", "0")) == 0:
         for name, state in weights.items():
@@ -119,8 +136,8 @@ def main(out: Path, penalty: str, fisher: str | None) -> None:
         (out / "metrics.json").write_text(json.dumps(logged))
         full = runs["full"]
         dtensors = all(type(p).__name__ == "DTensor" for p in full.model_wrapped.parameters())
-        (out / "engine.json").write_text(json.dumps({"fsdp": full.is_fsdp_enabled, "dtensors": dtensors}))
+        (out / "engine.json").write_text(json.dumps({"fsdp2": full.accelerator.is_fsdp2, "dtensors": dtensors}))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None)
+    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3:])
