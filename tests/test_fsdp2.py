@@ -16,6 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 SCRIPT = Path(__file__).parent / "scripts" / "fsdp2_sp.py"
+#: two ranks, the rendezvous on a free port
+LAUNCH = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
 def _script(path: Path = SCRIPT):
@@ -34,7 +36,7 @@ def test_fsdp2_two_ranks_equal_the_unsharded_steps_and_resume(tmp_path, penalty)
     script.train(model, optimizer, reg, range(script.STEPS), expected_metrics)
     expected = script.full_state(model)
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(SCRIPT), str(tmp_path)]
+    cmd = [*LAUNCH, str(SCRIPT), str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([*cmd, penalty, "fsdp2"], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -77,8 +79,7 @@ def test_sptrainer_under_fsdp2_equals_one_process_and_resumes(tmp_path, penalty)
         for name in ("fisher", "other_fisher"):
             save_fisher({k: torch.rand(v.shape, generator=g) for k, v in start.items()}, tmp_path / f"{name}.st")
             extra.append(str(tmp_path / f"{name}.st"))
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    for cmd in ([sys.executable, str(TRAINER_SCRIPT), str(one), *extra], [*launch, str(TRAINER_SCRIPT), str(two), *extra]):
+    for cmd in ([sys.executable, str(TRAINER_SCRIPT), str(one), *extra], [*LAUNCH, str(TRAINER_SCRIPT), str(two), *extra]):
         result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         errors = "\n".join(line for line in result.stderr.splitlines() if "Error" in line)
         assert result.returncode == 0, errors + "\n" + result.stdout[-2000:] + result.stderr[-3000:]
