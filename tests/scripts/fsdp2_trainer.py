@@ -1,7 +1,7 @@
 """SPTrainer under FSDP2 through transformers and accelerate, on CPU: 2 ranks (gloo) against one process.
 
-python tests/scripts/fsdp2_trainer.py OUT_DIR PENALTY [FISHER OTHER_FISHER]               # one process, batches of 8
-torchrun --standalone --nproc_per_node 2 tests/scripts/fsdp2_trainer.py OUT_DIR PENALTY [...]  # FSDP2, 4 a rank
+python tests/scripts/fsdp2_trainer.py OUT_DIR CASE [FISHER OTHER_FISHER]               # one process, batches of 8
+torchrun --standalone --nproc_per_node 2 tests/scripts/fsdp2_trainer.py OUT_DIR CASE [...]  # FSDP2, 4 a rank
 
 accelerate sets FSDP up on accelerators only: a CPU run of several processes becomes DDP. :func:`fsdp_on_cpu` makes
 the state that accelerate builds take the FSDP plugin that Trainer passes, as it does on GPUs, so that Trainer's
@@ -27,12 +27,13 @@ import torch
 from safetensors.torch import save_file
 
 STEPS = 6
-#: Settings of each penalty's runs beyond the common ones: group lasso also accumulates gradients and clips them;
-#: the Fisher penalty's checkpoints hold full state dicts, the others' are sharded.
-VARIANTS = {
-    "l2_sp": {},
-    "group_lasso_sp": {"gradient_accumulation_steps": 2, "max_grad_norm": 1.0},
-    "l2_sp_fisher": {"state_dict_type": "FULL_STATE_DICT"},
+#: Each case's settings beyond the common ones, in float64 unless bf16: group lasso also accumulates gradients and
+#: clips them; the Fisher penalty's checkpoints hold full state dicts, the others' are sharded.
+CASES = {
+    "l2_sp": {"sp_penalty": "l2_sp"},
+    "group_lasso_sp": {"sp_penalty": "group_lasso_sp", "gradient_accumulation_steps": 2, "max_grad_norm": 1.0},
+    "l2_sp_fisher": {"sp_penalty": "l2_sp_fisher", "state_dict_type": "FULL_STATE_DICT"},
+    "l2_sp_bf16": {"sp_penalty": "l2_sp", "bf16": True},
 }
 
 
@@ -66,13 +67,13 @@ def full_weights(trainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in state.items()}
 
 
-def main(out: Path, penalty: str, fishers: list[str]) -> None:
+def main(out: Path, case: str, fishers: list[str]) -> None:
     from hf_sp import SPConfig, SPTrainer
     from hf_sp_research.benchmark import SyntheticImages
     from hf_sp_research.gpu_check import _tiny_vit
 
     sharded = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    variant = dict(VARIANTS[penalty])
+    variant = dict(CASES[case])
     state_dict_type = variant.pop("state_dict_type", "SHARDED_STATE_DICT")
     if sharded:
         fsdp_on_cpu()
@@ -101,7 +102,6 @@ def main(out: Path, penalty: str, fishers: list[str]) -> None:
             logging_steps=1,
             learning_rate=0.05,  # SGD, momentum 0.9 (the default with a penalty): Adam would blow the key bias's
             # zero gradient (its rounding) up to steps of the learning rate
-            sp_penalty=penalty,
             sp_alpha=0.1,
             sp_fisher_path=fisher,
             sp_beta=0.01,
@@ -113,13 +113,15 @@ def main(out: Path, penalty: str, fishers: list[str]) -> None:
             **variant,
         )
 
+    # float64 unless bf16 (float32 weights): group lasso's unit vectors turn fp32 rounding into visible steps
+    dtype = torch.float32 if variant.get("bf16") else torch.float64
     data = SyntheticImages(48, 32, 10)
-    data.x = data.x.double()  # float64 throughout: group lasso's unit vectors turn fp32 rounding into visible steps
+    data.x = data.x.to(dtype)
     fisher, other_fisher = (fishers + [None, None])[:2]
-    runs = {"full": SPTrainer(model=_tiny_vit().double(), args=args("full", fisher), train_dataset=data)}
+    runs = {"full": SPTrainer(model=_tiny_vit().to(dtype), args=args("full", fisher), train_dataset=data)}
     runs["full"].train()
     if sharded:
-        model = _tiny_vit().double()  # other weights than the start: the anchors must come from the checkpoint
+        model = _tiny_vit().to(dtype)  # other weights than the start: the anchors must come from the checkpoint
         g = torch.Generator().manual_seed(5)
         with torch.no_grad():
             for p in model.parameters():
@@ -136,7 +138,10 @@ def main(out: Path, penalty: str, fishers: list[str]) -> None:
         (out / "metrics.json").write_text(json.dumps(logged))
         full = runs["full"]
         dtensors = all(type(p).__name__ == "DTensor" for p in full.model_wrapped.parameters())
-        (out / "engine.json").write_text(json.dumps({"fsdp2": full.accelerator.is_fsdp2, "dtensors": dtensors}))
+        state = full.optimizer.optimizer.state if hasattr(full.optimizer, "optimizer") else full.optimizer.state
+        anchors = sorted({str(s["sp_anchor"].dtype) for s in state.values() if "sp_anchor" in s})
+        facts = {"fsdp2": full.accelerator.is_fsdp2, "dtensors": dtensors, "anchor_dtypes": anchors}
+        (out / "engine.json").write_text(json.dumps(facts))
 
 
 if __name__ == "__main__":
