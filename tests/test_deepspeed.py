@@ -1,7 +1,7 @@
-"""DeepSpeed ZeRO-3 on CPU (its CPU accelerator, gloo; world size 1), where deepspeed is installed: SPTrainer under
-the engine equals the single process (weights and logged values), resumes where the uninterrupted run ends, and
-publishes a model that plain transformers loads; a DeepSpeed configuration without ``gradient_clipping`` follows
-``max_grad_norm``."""
+"""DeepSpeed ZeRO-3 on CPU (its CPU accelerator, gloo), where deepspeed is installed: SPTrainer under the engine, at
+world size 1 and with its parameters partitioned over 2 ranks, equals the single process (weights and logged
+values), resumes where the uninterrupted run ends, and publishes a model that plain transformers loads; a DeepSpeed
+configuration without ``gradient_clipping`` follows ``max_grad_norm``."""
 
 from __future__ import annotations
 
@@ -21,6 +21,20 @@ def test_zero3_equals_one_process_and_resumes():
     assert run["resume_equal"] and run["equals_single_process"], run
     assert run["sp_dist_equals_single_process"] and run["sp_dist"][-1] > 0, run
     assert run["loads_in_transformers"] and run["logits_finite"]
+
+
+@pytest.mark.slow
+def test_zero3_on_two_ranks_equals_one_process_and_resumes(tmp_path):
+    """Two ranks, each holding half of every parameter's fp32 partition (and of its anchor): the weights and the
+    logged penalty and distance (summed over the ranks once) are the single process's to fp32 rounding (DeepSpeed
+    steps fp32 partitions of the float64 model), and a run resumed from the mid-run checkpoint with other weights
+    ends exactly where the uninterrupted run ends."""
+    from sharded_runs import check_sharded_trainer
+
+    weights = check_sharded_trainer(
+        tmp_path, "zero3", "l2_sp", rtol=1e-5, atol=1e-6, value_rel=1e-5, anchor_dtype="torch.float32"
+    )
+    assert all(torch.equal(weights["full"][k], weights["resumed"][k]) for k in weights["full"])
 
 
 CLIPPING = """

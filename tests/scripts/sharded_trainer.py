@@ -1,9 +1,12 @@
-"""SPTrainer under FSDP2 through transformers and accelerate, on CPU: 2 ranks (gloo) against one process.
+"""SPTrainer under FSDP2 or DeepSpeed ZeRO-3 through transformers and accelerate, on CPU: 2 ranks (gloo) against one
+process.
 
-python tests/scripts/fsdp2_trainer.py OUT_DIR CASE [FISHER OTHER_FISHER]               # one process, batches of 8
-torchrun --standalone --nproc_per_node 2 tests/scripts/fsdp2_trainer.py OUT_DIR CASE [...]  # FSDP2, 4 a rank
+python tests/scripts/sharded_trainer.py OUT_DIR none CASE [FISHER OTHER_FISHER]             # one process, batches of 8
+torchrun --standalone --nproc_per_node 2 tests/scripts/sharded_trainer.py OUT_DIR fsdp2 CASE [...]  # 4 a rank
+torchrun --standalone --nproc_per_node 2 tests/scripts/sharded_trainer.py OUT_DIR zero3 CASE [...]
 
-accelerate sets FSDP up on accelerators only: a CPU run of several processes becomes DDP. :func:`fsdp_on_cpu` makes
+DeepSpeed runs on its CPU accelerator (gloo), its parameters partitioned over the ranks. accelerate sets FSDP up on
+accelerators only: a CPU run of several processes becomes DDP. :func:`fsdp_on_cpu` makes
 the state that accelerate builds take the FSDP plugin that Trainer passes, as it does on GPUs, so that Trainer's
 own FSDP2 code runs: accelerate shards the model with ``fully_shard`` (DTensor parameters), the optimizer steps
 them, gradient accumulation skips the gradient sync as FSDP2 does, and checkpoints are written and read back
@@ -56,10 +59,12 @@ def fsdp_on_cpu() -> None:
 
 
 def full_weights(trainer) -> dict[str, torch.Tensor]:
-    """The model's full weights (gathered from the shards under FSDP2; every rank must call it)."""
+    """The model's full weights (gathered from the shards or partitions; every rank must call it)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    if trainer.is_fsdp_enabled:
+    if trainer.is_deepspeed_enabled:
+        state = trainer.accelerator.get_state_dict(trainer.model_wrapped) or {}  # rank 0's, the others' empty
+    elif trainer.is_fsdp_enabled:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_model_state_dict(trainer.model_wrapped, options=options)
     else:
@@ -67,15 +72,25 @@ def full_weights(trainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in state.items()}
 
 
-def main(out: Path, case: str, fishers: list[str]) -> None:
+def main(out: Path, engine_name: str, case: str, fishers: list[str]) -> None:
     from hf_sp import SPConfig, SPTrainer
     from hf_sp_research.benchmark import SyntheticImages
     from hf_sp_research.gpu_check import _tiny_vit
 
-    sharded = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    sharded = engine_name != "none"
     variant = dict(CASES[case])
     state_dict_type = variant.pop("state_dict_type", "SHARDED_STATE_DICT")
-    if sharded:
+    if engine_name == "zero3":
+        engine = {
+            "deepspeed": {
+                "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
+                "bf16": {"enabled": bool(variant.get("bf16"))},
+                "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": "auto",
+                "train_batch_size": "auto",
+            }
+        }
+    elif sharded:
         fsdp_on_cpu()
         engine = {
             "fsdp": "full_shard",
@@ -128,7 +143,7 @@ def main(out: Path, case: str, fishers: list[str]) -> None:
                 p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype), alpha=0.05)
         runs["resumed"] = SPTrainer(model=model, args=args("resumed", other_fisher), train_dataset=data)
         runs["resumed"].train(resume_from_checkpoint=str(out / "full" / f"checkpoint-{STEPS // 2}"))
-        if state_dict_type == "FULL_STATE_DICT":
+        if state_dict_type == "FULL_STATE_DICT" and engine_name == "fsdp2":
             runs["full"].save_model(str(out / "published"))
     weights = {name: full_weights(trainer) for name, trainer in runs.items()}
     if int(os.environ.get("RANK", "0")) == 0:
@@ -140,9 +155,14 @@ def main(out: Path, case: str, fishers: list[str]) -> None:
         dtensors = all(type(p).__name__ == "DTensor" for p in full.model_wrapped.parameters())
         state = full.optimizer.optimizer.state if hasattr(full.optimizer, "optimizer") else full.optimizer.state
         anchors = sorted({str(s["sp_anchor"].dtype) for s in state.values() if "sp_anchor" in s})
-        facts = {"fsdp2": full.accelerator.is_fsdp2, "dtensors": dtensors, "anchor_dtypes": anchors}
+        facts = {
+            "deepspeed": full.is_deepspeed_enabled,
+            "fsdp2": full.accelerator.is_fsdp2,
+            "dtensors": dtensors,
+            "anchor_dtypes": anchors,
+        }
         (out / "engine.json").write_text(json.dumps(facts))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3:])
+    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:])
