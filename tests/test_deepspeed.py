@@ -32,7 +32,14 @@ def test_zero3_on_two_ranks_equals_one_process_and_resumes(tmp_path):
     from sharded_runs import check_sharded_trainer
 
     weights = check_sharded_trainer(
-        tmp_path, "zero3", "l2_sp", rtol=1e-5, atol=1e-6, value_rel=1e-5, anchor_dtype="torch.float32"
+        tmp_path,
+        "zero3",
+        "l2_sp",
+        rtol=1e-5,
+        atol=1e-6,
+        value_rel=1e-5,
+        anchor_dtype="torch.float32",
+        plain_anchor_dtype="torch.float64",
     )
     assert all(torch.equal(weights["full"][k], weights["resumed"][k]) for k in weights["full"])
 

@@ -15,7 +15,8 @@ them, gradient accumulation skips the gradient sync as FSDP2 does, and checkpoin
 half-way; under FSDP2 a second trainer then resumes from that checkpoint, with a model of other weights and, for
 the Fisher penalty, another Fisher file (``OTHER_FISHER``): both must come from the checkpoint. Rank 0 writes each
 run's full weights (``{run}.safetensors``), its logged records (``metrics.json``) and ``engine.json`` (whether
-accelerate still ran FSDP2 after training, and whether the parameters were DTensors); with ``FULL_STATE_DICT`` the
+accelerate still ran FSDP2 after training, whether the parameters were DTensors, FSDP2's compute dtype, the
+anchors' dtypes and rank 0's share of the anchored entries); with ``FULL_STATE_DICT`` the
 uninterrupted run also publishes its model with ``save_model`` (``published/``).
 """
 
@@ -27,6 +28,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import save_file
 
 STEPS = 6
@@ -54,6 +56,8 @@ def fsdp_on_cpu() -> None:
             accelerate.state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
             self.distributed_type = DistributedType.FSDP
             self.fsdp_plugin = fsdp_plugin
+            if self._mixed_precision != "no":  # FSDP2's MixedPrecisionPolicy, as accelerate sets it on GPUs
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
 
     accelerate.state.AcceleratorState.__init__ = __init__
 
@@ -72,6 +76,22 @@ def full_weights(trainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in state.items()}
 
 
+def _anchors(trainer) -> list[torch.Tensor]:
+    """This rank's anchors (local shards or partitions)."""
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    return [getattr(s["sp_anchor"], "_local_tensor", s["sp_anchor"]) for s in optimizer.state.values() if "sp_anchor" in s]
+
+
+def anchor_share(trainer) -> float:
+    """This rank's share of all the ranks' anchored entries (every rank must call it): 1 in one process, about
+    1 / world size where the engine shards the parameters and their anchors."""
+    local = torch.tensor(float(sum(a.numel() for a in _anchors(trainer))), dtype=torch.float64)
+    total = local.clone()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total)
+    return float(local / total)
+
+
 def main(out: Path, engine_name: str, case: str, fishers: list[str]) -> None:
     from hf_sp import SPConfig, SPTrainer
     from hf_sp_research.benchmark import SyntheticImages
@@ -81,10 +101,9 @@ def main(out: Path, engine_name: str, case: str, fishers: list[str]) -> None:
     variant = dict(CASES[case])
     state_dict_type = variant.pop("state_dict_type", "SHARDED_STATE_DICT")
     if engine_name == "zero3":
-        engine = {
+        engine_args = {
             "deepspeed": {
                 "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
-                "bf16": {"enabled": bool(variant.get("bf16"))},
                 "train_micro_batch_size_per_gpu": "auto",
                 "gradient_accumulation_steps": "auto",
                 "train_batch_size": "auto",
@@ -92,7 +111,7 @@ def main(out: Path, engine_name: str, case: str, fishers: list[str]) -> None:
         }
     elif sharded:
         fsdp_on_cpu()
-        engine = {
+        engine_args = {
             "fsdp": "full_shard",
             "fsdp_config": {
                 "fsdp_version": 2,
@@ -103,7 +122,7 @@ def main(out: Path, engine_name: str, case: str, fishers: list[str]) -> None:
             "ddp_backend": "gloo",
         }
     else:
-        engine = {}
+        engine_args = {}
 
     accumulate = variant.get("gradient_accumulation_steps", 1)
 
@@ -124,7 +143,7 @@ def main(out: Path, engine_name: str, case: str, fishers: list[str]) -> None:
             disable_tqdm=True,
             use_cpu=True,
             seed=0,
-            **engine,
+            **engine_args,
             **variant,
         )
 
@@ -146,6 +165,7 @@ def main(out: Path, engine_name: str, case: str, fishers: list[str]) -> None:
         if state_dict_type == "FULL_STATE_DICT" and engine_name == "fsdp2":
             runs["full"].save_model(str(out / "published"))
     weights = {name: full_weights(trainer) for name, trainer in runs.items()}
+    share = anchor_share(runs["full"])
     if int(os.environ.get("RANK", "0")) == 0:
         for name, state in weights.items():
             save_file(state, out / f"{name}.safetensors")
@@ -153,16 +173,27 @@ def main(out: Path, engine_name: str, case: str, fishers: list[str]) -> None:
         (out / "metrics.json").write_text(json.dumps(logged))
         full = runs["full"]
         dtensors = all(type(p).__name__ == "DTensor" for p in full.model_wrapped.parameters())
-        state = full.optimizer.optimizer.state if hasattr(full.optimizer, "optimizer") else full.optimizer.state
-        anchors = sorted({str(s["sp_anchor"].dtype) for s in state.values() if "sp_anchor" in s})
+        policies = {
+            str(m._get_fsdp_state()._mp_policy.param_dtype)
+            for m in full.model_wrapped.modules()
+            if hasattr(m, "_get_fsdp_state")
+        }
         facts = {
             "deepspeed": full.is_deepspeed_enabled,
             "fsdp2": full.accelerator.is_fsdp2,
             "dtensors": dtensors,
-            "anchor_dtypes": anchors,
+            "fsdp2_param_dtypes": sorted(policies),
+            "anchor_dtypes": sorted({str(a.dtype) for a in _anchors(full)}),
+            "anchor_share": share,
         }
         (out / "engine.json").write_text(json.dumps(facts))
 
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:])
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # no interpreter teardown: a thread that gloo leaves behind aborted a finished rank (SIGABRT)
