@@ -12,7 +12,7 @@ own FSDP2 code runs: accelerate shards the model with ``fully_shard`` (DTensor p
 them, gradient accumulation skips the gradient sync as FSDP2 does, and checkpoints are written and read back
 (``SHARDED_STATE_DICT``: ``pytorch_model_fsdp_0``, ``optimizer_0`` by ``torch.distributed.checkpoint``;
 ``FULL_STATE_DICT``: ``model.safetensors``, ``optimizer.bin``). Each run trains ``STEPS`` steps with a checkpoint
-half-way; under FSDP2 a second trainer then resumes from that checkpoint, with a model of other weights and, for
+half-way; under an engine a second trainer then resumes from that checkpoint, with a model of other weights and, for
 the Fisher penalty, another Fisher file (``OTHER_FISHER``): both must come from the checkpoint. Rank 0 writes each
 run's full weights (``{run}.safetensors``), its logged records (``metrics.json``) and ``engine.json`` (whether
 accelerate still ran FSDP2 after training, whether the parameters were DTensors, FSDP2's compute dtype, the
@@ -79,7 +79,8 @@ def full_weights(trainer) -> dict[str, torch.Tensor]:
 def _anchors(trainer) -> list[torch.Tensor]:
     """This rank's anchors (local shards or partitions)."""
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
-    return [getattr(s["sp_anchor"], "_local_tensor", s["sp_anchor"]) for s in optimizer.state.values() if "sp_anchor" in s]
+    anchors = [s["sp_anchor"] for s in optimizer.state.values() if "sp_anchor" in s]
+    return [getattr(a, "_local_tensor", a) for a in anchors]
 
 
 def anchor_share(trainer) -> float:
