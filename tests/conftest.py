@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,21 @@ from hf_sp import SPConfig, wrap_timm_model
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
+
+
+def extensions_dir() -> str:
+    """A folder of torch extensions built on the fly (DeepSpeed's CPU ops) for this torch version alone, beside
+    torch's default ``pyXY_cuZZZ`` folder, which every torch version with that tag shares. Sharing it loads an op
+    built against other torch headers, and from torch 2.14 on the build lock is an OS lock on a ``lock`` file that
+    stays there: an earlier torch, whose lock is that file's existence, then waits for it forever (torch 2.11:
+    DeepSpeed's ranks hang before the first step)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    python = f"py{sys.version_info.major}{sys.version_info.minor}"
+    return os.path.join(get_default_build_root(), f"{python}_torch{torch.__version__}")
+
+
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
 
 #: Real image data sets (dtd10, caltech101) beside the repository, or where HF_SP_TEST_DATA points: optional.
 SHARED_DATA = Path(os.environ.get("HF_SP_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))

@@ -5,10 +5,21 @@ configuration without ``gradient_clipping`` follows ``max_grad_norm``."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
 deepspeed = pytest.importorskip("deepspeed")
+
+
+def test_ops_build_in_a_folder_of_this_torch_version():
+    """DeepSpeed builds its CPU ops where torch builds extensions; the runs that the tests start build them in a folder
+    of this torch version (conftest.extensions_dir), not in the one that torch versions of the same tag share."""
+    code = "from torch.utils.cpp_extension import _get_build_directory as d; print(d('deepspeed_shm_comm', False))"
+    folder = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert f"_torch{torch.__version__}" in folder
 
 
 @pytest.mark.slow
