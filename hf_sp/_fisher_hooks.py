@@ -21,9 +21,10 @@ logits of a class slot ``k``; with ``exact`` (all classes, weighted by ``p``) th
 * a layer called on one sample's inputs in a batch of several (a position table looked up with ids of shape
   ``[1, L]``, as BERT and SigLIP do) makes one output for all samples: its inputs and output are expanded to one
   copy per sample, whose gradients are the per-sample ones;
-* both kinds of copies are checked on the first batch of two samples or more, on two of them (every layer sees both,
-  each gets the logits it gets alone, the gradients of a sample only on its copies); a batch that the copies
-  break before it adds anything (a later, larger one) gives the model to torch.func too;
+* every model is checked on the first batch of two samples or more, on two of them (every layer sees both as its
+  first dimension, each sample gets the logits it gets alone, the gradients of a sample land only on its copies;
+  :meth:`HookedFisher._check`), and given to torch.func if it fails; a batch that the copies break before it
+  adds anything (a later, larger one) gives the model to torch.func too;
 * every other parameter falls back to :mod:`torch.func`, locally: the module that holds it is re-run under
   ``vmap`` over the samples on its saved inputs, with a VJP of the saved output gradient.
 
@@ -399,7 +400,7 @@ class HookedFisher:
         if num_slots == 0:
             return
         self.touched = False  # until this batch adds to the Fisher: a NotPerSample leaves it as it was
-        if not self.verified and self.replicas:
+        if not self.verified:
             self._check(x[:2], params, constants, logits_of)
         samples, slot_step = self._chunk(x, num_slots, params, constants, logits_of)
 
@@ -476,14 +477,6 @@ class HookedFisher:
         LAYER_BUDGET of one layer's gradients on (:meth:`_tail`), the parts run one smaller group of slots at a
         time."""
         logits, events, replaced, taps, ops = self._forward(x, params, constants, logits_of, stages=True)
-        if not self._checked and x.shape[0] >= 2:
-            if any(e.shared for e in events):  # copies of shared outputs, not checked yet: check, then start again
-                for u in self.units:
-                    u.calls.clear()
-                del logits, events, replaced, taps, ops
-                self._check(x[:2], params, constants, logits_of)
-                return self._add_chunk(x, slots_of, num_slots, slot_step, params, constants, logits_of, fisher)
-            self._checked = True  # every unit saw the samples (_check_calls), and there are no copies to check
         self.batched_slots = self.batched_slots and not ops & MISBATCHED
         passes = self._passes(logits, events, replaced, taps)
         self.touched = True
@@ -782,14 +775,22 @@ class HookedFisher:
                 fisher[u.names[loc]] += v.to(fisher[u.names[loc]].dtype)
 
     def _check(self, x, params, constants, logits_of) -> None:
-        """Check on two samples ``x`` that the hooks see them apart, before the first batch with per-sample copies
-        (of parameters: known from the start; of shared outputs: seen in the forward pass) is added: every unit
-        sees both (:meth:`_check_calls`), the per-sample copies of broadcast parameters and of shared outputs
-        (:meth:`_hook`) give the logits that each sample gets alone (a unit on ``x[:1]`` or ``x.mean(0)`` looks
-        shared, but it is not one sample's), and the gradient of each sample's logits lands on its own copies only. Copies of parameters that fail it (a model that repeats its ``[1, ...]`` parameter over the
-        batch instead of broadcasting it) are given up for torch.func on the modules that hold them, and the check is
-        made again; :class:`NotPerSample` if it still fails. One sample cannot show mixing: the next batch is
-        checked."""
+        """Check on two samples ``x`` that the hooks see them apart, before the first batch of two samples or more
+        is added, whatever the model:
+
+        * every unit sees both, as the first dimension of its inputs and outputs (:meth:`_check_calls`): a layer
+          whose first dimension is another (a sequence-first layout, ``nn.MultiheadAttention``'s default; position
+          ids ``arange(L)`` looked up without a batch dimension) would take positions for samples in a batch of as
+          many samples as positions, where the sizes cannot tell them apart;
+        * the logits of each sample in the batch, per-sample copies included, are the logits it gets alone: an op
+          that mixes the samples outside the units (``h + h.mean(0)``), or a unit on ``x[:1]`` or ``x.mean(0)``
+          that looks shared but is not one sample's;
+        * the gradient of each sample's logits lands on its own copies only (of broadcast parameters, and of shared
+          outputs, :meth:`_hook`).
+
+        Copies of parameters that fail it (a model that repeats its ``[1, ...]`` parameter over the batch instead
+        of broadcasting it) are given up for torch.func on the modules that hold them, and the check is made again;
+        :class:`NotPerSample` if it still fails. One sample cannot show mixing: the next batch is checked."""
         if x.shape[0] < 2:
             return
         try:
