@@ -235,8 +235,9 @@ def _direct(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
 class HookedFisher:
     """Hooks on ``model`` that turn one forward and ``S`` backward passes into the Fisher's per-sample squares."""
 
-    def __init__(self, model: nn.Module, names: list[str]) -> None:
+    def __init__(self, model: nn.Module, names: list[str], compiled: bool = False) -> None:
         self.model, self.selected = model, set(names)
+        self.compiled = compiled  # position pairs by the compiled kernel (hf_sp._compiled_pairs)
         self._checked = False
         #: one batched backward pass over the slots (see _backward); cleared when the graph does not support it
         self.batched_slots = BATCHED_SLOTS
@@ -408,7 +409,7 @@ class HookedFisher:
             probs = torch.softmax(logits.detach(), dim=-1)
             return partial(_cotangents, probs, *draw(probs), exact)
 
-        with workspace():
+        with workspace(compiled=self.compiled):
             if samples >= x.shape[0]:
                 self._add_chunk(x, slots_of, num_slots, slot_step, params, constants, logits_of, fisher)
                 return

@@ -12,9 +12,9 @@ layer's per-sample parameter gradient is a small function of its input and that 
 * Linear / convolution (``l`` runs over the positions: tokens, output pixels; ``x`` is the input, unfolded for
   a convolution): ``G[s, b] = sum_l g[s, b, l] x[b, l]^T``. With few positions the squares are summed without
   forming ``G``: ``sum_s w G[o, i]^2 = sum_{l, l'} x[l, i] x[l', i] * sum_s w g[s, l, o] g[s, l', o]``, one
-  matrix product over ``(b, l <= l')`` pairs; otherwise ``G`` is formed in blocks, squared and summed (on CPU, a
-  convolution's ``G`` comes from its own weight-gradient kernel, one sample at a time with its slots as output
-  channels).
+  matrix product over ``(b, l <= l')`` pairs (its pair matrix by a compiled kernel with ``compile=True``:
+  :mod:`hf_sp._compiled_pairs`); otherwise ``G`` is formed in blocks, squared and summed (a convolution's by
+  chunks of samples whose input is unfolded, every slot's rows stacked into one product per sample and group).
 * norms (BatchNorm in eval mode, LayerNorm, GroupNorm): ``G_weight = sum_l g[l] * x_hat[l]``,
   ``G_bias = sum_l g[l]`` with ``x_hat`` the normalized input.
 * embeddings: ``G[v] = sum_{l: id_l = v} g[l]`` (rows summed per sample before squaring).
@@ -25,6 +25,7 @@ A module called several times in one forward contributes the positions of every 
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,6 +33,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from . import _compiled_pairs as compiled_pairs
 
 #: Floats per intermediate block: 16 MiB of fp32. Blocks this small are reused by the allocator; blocks of 64 MiB
 #: were mapped and faulted in afresh each time, which made the largest layers several times slower.
@@ -50,14 +53,15 @@ _WORKSPACE = threading.local()
 
 
 @contextmanager
-def workspace() -> Iterator[None]:
+def workspace(compiled: bool = False) -> Iterator[None]:
     """Scratch memory shared by the rules called inside: first touches of fresh allocations of megabytes are page
-    faults, which cost as much as the products written into them."""
-    _WORKSPACE.buffers = {}
+    faults, which cost as much as the products written into them. ``compiled``: position pairs are multiplied by
+    the kernel of :mod:`hf_sp._compiled_pairs` (for up to ``ROW_SLOTS`` slots)."""
+    _WORKSPACE.buffers, _WORKSPACE.compiled = {}, compiled
     try:
         yield
     finally:
-        _WORKSPACE.buffers = None
+        _WORKSPACE.buffers, _WORKSPACE.compiled = None, False
 
 
 def _scratch(key: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
@@ -97,47 +101,65 @@ def _outer_sq_pairs(x: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> torch.
     """:func:`_outer_sq` by position pairs ``l <= l'``:
     ``sum_{b, l <= l'} M[b, (l, l'), o] * f * x[b, l, i] x[b, l', i]`` with ``M[b, (l, l')] = sum_s w[s, b] g[s, b, l] g[s, b, l']`` and ``f = 2`` off the diagonal.
 
-    ``M`` and the input products are built row by row (``l`` fixed, ``l' >= l``) with the channels innermost, as
-    the backward passes lay them out (``M`` by batched ``[L, S] @ [S, L]`` products instead when there are more
-    than ``ROW_SLOTS`` slots), and enter one matrix product per group over the ``(b, pair)`` dimension.
+    ``M`` and the input products (:func:`_pair_products`, or the compiled kernel of :mod:`hf_sp._compiled_pairs`
+    inside ``workspace(compiled=True)``) enter one matrix product per group over the ``(b, pair)`` dimension.
     """
     num_slots, batch, length, groups, out_f = g.shape
     in_f = x.shape[-1]
-    li, lj = torch.triu_indices(length, length, device=x.device)  # row-major: row l holds pairs (l, l..L-1)
+    # row-major: row l holds pairs (l, l..L-1); each index its own tensor (a view of one [2, P] tensor would tie
+    # its size 2 to the compiled kernel's sizes)
+    li, lj = (t.clone() for t in torch.triu_indices(length, length, device=x.device))
     pairs = li.shape[0]
-    starts = [row * length - row * (row - 1) // 2 for row in range(length + 1)]
-    factor = torch.where(li == lj, 1.0, 2.0).to(x.dtype)[:, None, None]
-    roots = w.sqrt()[:, :, None, None, None]
-    unweighted = bool((w == 1).all())  # the exact Fisher's slots: the gradients as they are, when laid out so
     result = x.new_zeros(groups, out_f, in_f)
     step = max(1, BLOCK // max(1, pairs * groups * max(out_f, in_f)))
+    compiled = num_slots <= ROW_SLOTS and getattr(_WORKSPACE, "compiled", False)
+    unweighted = bool((w == 1).all())  # the exact Fisher's slots: the gradients as they are
     for b0 in range(0, batch, step):
         sl = slice(b0, b0 + step)
-        xs = x[sl]
-        n = xs.shape[0]
-        # contiguous, channels innermost (a convolution's gradient comes channel-major)
-        scaled = g[:, sl]
-        if not (unweighted and scaled.is_contiguous()):
-            scaled = torch.mul(scaled, roots[:, sl], out=_scratch("slots", (num_slots, n, length, groups, out_f), g))
-        gram = _scratch("gram", (n, pairs, groups, out_f), x)
-        xx = _scratch("inputs", (n, pairs, groups, in_f), x)
-        by_rows = num_slots <= ROW_SLOTS
-        if not by_rows:  # one small product per (sample, channel): [L, S] @ [S, L]
-            cols = scaled.permute(1, 3, 4, 2, 0).reshape(n * groups * out_f, length, num_slots)
-            full = torch.bmm(cols, cols.transpose(1, 2)).view(n, groups, out_f, length * length)
-            gram.copy_(full.index_select(3, li * length + lj).permute(0, 3, 1, 2))
-        for row in range(length):
-            if by_rows:
-                block = gram[:, starts[row] : starts[row + 1]]
-                torch.mul(scaled[0, :, row : row + 1], scaled[0, :, row:], out=block)
-                for s in range(1, num_slots):
-                    block.addcmul_(scaled[s, :, row : row + 1], scaled[s, :, row:])
-            torch.mul(xs[:, row : row + 1], xs[:, row:], out=xx[:, starts[row] : starts[row + 1]])
-        xx.mul_(factor)
+        n = x[sl].shape[0]
+        products = None
+        if compiled:
+            scaled = g[:, sl] if unweighted else g[:, sl] * w[:, sl].sqrt()[:, :, None, None, None]
+            products = compiled_pairs.run(
+                scaled.reshape(num_slots, n, length, groups * out_f), x[sl].reshape(n, length, -1), li, lj
+            )
+        gram, xx = products if products is not None else _pair_products(x[sl], g[:, sl], w[:, sl], li, lj)
         result.baddbmm_(
             gram.view(n * pairs, groups, out_f).permute(1, 2, 0), xx.view(n * pairs, groups, in_f).transpose(0, 1)
         )
     return result
+
+
+def _pair_products(
+    x: torch.Tensor, g: torch.Tensor, w: torch.Tensor, li: torch.Tensor, lj: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``M [n, P, Gr, O]`` and ``f * x[l] x[l'] [n, P, Gr, I]`` of :func:`_outer_sq_pairs` for the pairs
+    ``(li, lj)`` (row-major), eagerly: row by row (``l`` fixed, ``l' >= l``) with the channels innermost, as the
+    backward passes lay them out, one op per slot and row (``M`` by batched ``[L, S] @ [S, L]`` products instead
+    when there are more than ``ROW_SLOTS`` slots)."""
+    num_slots, n, length, groups, out_f = g.shape
+    pairs = li.shape[0]
+    starts = [row * length - row * (row - 1) // 2 for row in range(length + 1)]
+    scaled = g  # contiguous, channels innermost (a convolution's gradient comes channel-major)
+    if not (bool((w == 1).all()) and scaled.is_contiguous()):
+        roots = w.sqrt()[:, :, None, None, None]
+        scaled = torch.mul(scaled, roots, out=_scratch("slots", (num_slots, n, length, groups, out_f), g))
+    gram = _scratch("gram", (n, pairs, groups, out_f), x)
+    xx = _scratch("inputs", (n, pairs, groups, x.shape[-1]), x)
+    by_rows = num_slots <= ROW_SLOTS
+    if not by_rows:  # one small product per (sample, channel): [L, S] @ [S, L]
+        cols = scaled.permute(1, 3, 4, 2, 0).reshape(n * groups * out_f, length, num_slots)
+        full = torch.bmm(cols, cols.transpose(1, 2)).view(n, groups, out_f, length * length)
+        gram.copy_(full.index_select(3, li * length + lj).permute(0, 3, 1, 2))
+    for row in range(length):
+        if by_rows:
+            block = gram[:, starts[row] : starts[row + 1]]
+            torch.mul(scaled[0, :, row : row + 1], scaled[0, :, row:], out=block)
+            for s in range(1, num_slots):
+                block.addcmul_(scaled[s, :, row : row + 1], scaled[s, :, row:])
+        torch.mul(x[:, row : row + 1], x[:, row:], out=xx[:, starts[row] : starts[row + 1]])
+    xx.mul_(torch.where(li == lj, 1.0, 2.0).to(x.dtype)[:, None, None])
+    return gram, xx
 
 
 def _diag_sq(g: torch.Tensor, w: torch.Tensor, x: torch.Tensor | None = None, dim: int = -2) -> torch.Tensor:
@@ -202,13 +224,16 @@ def _conv(m: nn.Conv1d | nn.Conv2d, inputs, grads, w):
             i = F.pad(i, [n for before_after in reversed(padding) for n in before_after])
         padded.append(i if two_d else i.unsqueeze(2))
     flat = _cat_calls([o.reshape(o.shape[0], o.shape[1], c_out, -1) for o in grads], -1)  # [S, B, C, L]
-    if _materialize(flat.shape[0], flat.shape[-1]) and by_weight_kernel(flat):
-        outs = grads if two_d else [o.unsqueeze(3) for o in grads]  # [S, B, C, H', W']
-        weight = _conv_weight_sq(m, padded, outs, w, pair(m.kernel_size), pair(m.stride), pad, pair(m.dilation))
+    def unfold(i: torch.Tensor) -> torch.Tensor:  # [n, Gr * I, L]
+        return F.unfold(i, pair(m.kernel_size), dilation=pair(m.dilation), padding=pad, stride=pair(m.stride))
+
+    if _materialize(flat.shape[0], flat.shape[-1]):
+        in_f = m.in_channels // groups * math.prod(m.kernel_size)
+        weight = _conv_formed_sq(padded, flat, w, groups, in_f, unfold)
     else:
         xs = []
         for i in padded:
-            cols = F.unfold(i, pair(m.kernel_size), dilation=pair(m.dilation), padding=pad, stride=pair(m.stride))
+            cols = unfold(i)
             xs.append(cols.transpose(1, 2).reshape(i.shape[0], cols.shape[-1], groups, -1))  # [B, L, Gr, I]
         g = flat.view(*flat.shape[:2], groups, c_out // groups, -1).permute(0, 1, 4, 2, 3)  # [S, B, L, Gr, O]
         weight = _outer_sq(_cat_calls(xs, 1), g, w)
@@ -218,40 +243,41 @@ def _conv(m: nn.Conv1d | nn.Conv2d, inputs, grads, w):
     return out
 
 
-def by_weight_kernel(g: torch.Tensor) -> bool:
-    """Whether a convolution's per-sample gradients are formed by its own weight-gradient kernel, one sample at a
-    time (:func:`_conv_weight_sq`): on CPU, where that kernel (oneDNN's, or ATen's own, which unfolds one sample
-    at a time, for small inputs) ran faster than the products over the whole batch's unfolded input (resnet18's
-    Fisher, README); elsewhere the batched products keep the kernel launches few."""
-    return g.device.type == "cpu"
+def _conv_formed_sq(
+    inputs: list[torch.Tensor], flat: torch.Tensor, w: torch.Tensor, groups: int, in_f: int, unfold: Callable
+) -> torch.Tensor:
+    """``sum_{s,b} w[s,b] * G[s,b]^2`` for a convolution, with ``G[s,b] = g[s,b] @ cols[b]^T`` formed per group
+    (``inputs`` ``[B, C, H, W]``, one per call; ``flat`` ``[S, B, C_out, L]``, the calls' positions one after the
+    other; ``unfold(i)`` ``[n, Gr * I, L_call]``, ``I = in_f``): a chunk of samples at a time, its input unfolded, by one batched
+    matrix product with every slot's rows stacked, ``[n * Gr, S * O, L] @ [n * Gr, L, I]``, the rows scaled by
+    ``sqrt(w[s,b])`` so that the squares need only be summed. The calls' positions add up in the product, as one
+    sample's gradient does. -> ``[Gr, O, I]``.
 
-
-def _conv_weight_sq(m: nn.Conv1d | nn.Conv2d, inputs, grads, w, kernel, stride, padding, dilation) -> torch.Tensor:
-    """``sum_{s,b} w[s,b] * G[s,b]^2`` for a convolution (``inputs`` ``[B, C, H, W]``, ``grads``
-    ``[S, B, C_out, H', W']``, one of each per call), ``G[s,b]`` formed by the convolution's weight-gradient kernel:
-    one sample at a time, its slots as ``S x C_out`` output channels (``[Gr, S, O]`` in that order, for the groups),
-    scaled by ``sqrt(w[s,b])`` so that the squares need only be summed. The calls' gradients add up before the
-    square, as one sample's gradient does."""
-    groups, per_group = m.groups, m.out_channels // m.groups
-    num_slots, batch = w.shape
-    roots = w.sqrt().to(grads[0].dtype)
-    result = None
-    for b in range(batch):
-        total = None
-        for i, o in zip(inputs, grads, strict=True):
-            rows = _scratch("rows", (groups, num_slots, per_group, *o.shape[3:]), o)
-            slots = o[:, b].view(num_slots, groups, per_group, *o.shape[3:]).transpose(0, 1)
-            torch.mul(slots, roots[:, b].view(1, -1, 1, 1, 1), out=rows)
-            rows = rows.view(1, groups * num_slots * per_group, *o.shape[3:])
-            # only the weight's shape is read: a convolution's gradient by its weight does not depend on the weight
-            weight = _scratch("weight", (rows.shape[1], i.shape[1] // groups, *kernel), i)
-            part = torch.ops.aten.convolution_backward(
-                rows, i[b : b + 1], weight, None, stride, padding, dilation, False, [0, 0], groups, [False, True, False]
-            )[1]
-            total = part if total is None else total.add_(part)
-        # reshape: the kernel gives a channels-last gradient for a channels-last input
-        squares = total.reshape(groups, num_slots, per_group, -1).square_().sum(1)
-        result = squares if result is None else result.add_(squares)
+    Stacking the slots makes the products as tall as ``S * O`` rows, where one product per slot has ``O`` (and
+    the convolution's own weight-gradient kernel, one sample at a time, zero-fills its output and unfolds the
+    sample again for each call): ``results/benchmark/HISTORY.md``.
+    """
+    num_slots, batch, c_out, length = flat.shape
+    per_group = c_out // groups
+    unweighted = bool((w == 1).all())
+    roots = w.sqrt().to(flat.dtype).T[:, None, :, None, None]  # [B, 1, S, 1, 1]
+    # the unfolded inputs, the stacked rows and the products of one chunk each fit in BLOCK
+    step = max(1, BLOCK // max(1, groups * max(num_slots * per_group * max(length, in_f), length * in_f)))
+    result = flat.new_zeros(groups, per_group, in_f)
+    for b0 in range(0, batch, step):
+        sl = slice(b0, b0 + step)
+        cols = _cat_calls([unfold(i[sl]) for i in inputs], -1)
+        n = cols.shape[0]
+        g = flat[:, sl].view(num_slots, n, groups, per_group, length).permute(1, 2, 0, 3, 4)  # [n, Gr, S, O, L]
+        rows = _scratch("rows", (n, groups, num_slots, per_group, length), flat)
+        if unweighted:
+            rows.copy_(g)
+        else:
+            torch.mul(g, roots[sl], out=rows)
+        products = torch.bmm(
+            rows.view(n * groups, num_slots * per_group, length), cols.view(n * groups, in_f, length).transpose(1, 2)
+        )
+        result += products.view(n, groups, num_slots, per_group, in_f).square_().sum((0, 2))
     return result
 
 

@@ -17,8 +17,9 @@ Four measurements, in one run (``scripts/benchmark.py`` is the command line):
    against the previous whole-tensor kernel and the per-tensor autograd loop of common implementations,
    and all against the memory-traffic floor (read ``w``, ``w0``, ``grad``, write ``grad``: 16 bytes per
    fp32 entry) at the streaming bandwidth measured on this machine.
-4. **Fisher estimation**: :func:`hf_sp.estimate_fisher` (each ``vectorize`` path) against a
-   per-sample, per-class Python loop of ``torch.autograd.grad``; both must give the same Fisher.
+4. **Fisher estimation**: :func:`hf_sp.estimate_fisher` (each ``vectorize`` path, and ``"hooks-compiled"``:
+   ``vectorize="hooks", compile=True``) against a per-sample, per-class Python loop of ``torch.autograd.grad``;
+   both must give the same Fisher.
 
 Results go to ``benchmark.json`` (raw numbers, machine, versions, command) and ``benchmark.md``.
 Timings are medians of interleaved repetitions; nothing here asserts on a time.
@@ -792,6 +793,16 @@ def _timed_call(times: list[float], faults: list[int], fn: Callable[..., Any], *
     return value
 
 
+#: The Fisher section's paths: ``estimate_fisher``'s keyword arguments for each (``"hooks-compiled"``: the pair
+#: products by the compiled kernel of :mod:`hf_sp._compiled_pairs`).
+FISHER_PATHS: dict[str, dict[str, Any]] = {
+    "hooks": {"vectorize": "hooks"},
+    "hooks-compiled": {"vectorize": "hooks", "compile": True},
+    "classes": {"vectorize": "classes"},
+    "samples": {"vectorize": "samples"},
+}
+
+
 def bench_fisher(cfg: BenchmarkConfig) -> dict[str, Any]:
     """Section 4: ``estimate_fisher`` (each ``vectorize`` path) against the loop, same Fisher, interleaved."""
     from hf_sp import estimate_fisher
@@ -808,15 +819,18 @@ def bench_fisher(cfg: BenchmarkConfig) -> dict[str, Any]:
             generator=torch.Generator().manual_seed(cfg.seed),
         )
         paths = tuple(cfg.fisher_paths)
+        first_call_s: dict[str, float] = {}  # the warm-up calls: the compiled path compiles in its first
         for path in paths:  # warm-up: one-time costs (kernel selection, lazy imports) out of the first timing
-            estimate_fisher(model, [x[:2]], progress=False, vectorize=path)
+            t0 = time.perf_counter()
+            estimate_fisher(model, [x[:2]], progress=False, **FISHER_PATHS[path])
+            first_call_s[path] = time.perf_counter() - t0
         times: dict[str, list[float]] = {p: [] for p in (*paths, "loop")}
         faults: dict[str, list[int]] = {p: [] for p in times}  # minor page faults: memory touched afresh
         results: dict[str, dict[str, torch.Tensor]] = {}
         for _ in range(cfg.fisher_repeats):
             for path in paths:
                 results[path] = _timed_call(
-                    times[path], faults[path], estimate_fisher, model, [x], progress=False, vectorize=path
+                    times[path], faults[path], estimate_fisher, model, [x], progress=False, **FISHER_PATHS[path]
                 )
             ref = _timed_call(times["loop"], faults["loop"], fisher_loop, model, x)
         close, max_rel = True, 0.0
@@ -845,6 +859,8 @@ def bench_fisher(cfg: BenchmarkConfig) -> dict[str, Any]:
             "vectorized_median_s": _median(times[auto]),
             "loop_median_s": _median(times["loop"]),
             "speedup": speedup,
+            "speedup_by_path": {p: _median(times["loop"]) / _median(times[p]) for p in paths},
+            "first_call_s": first_call_s,
             "allclose": close,
             "max_rel_err": max_rel,
             "max_rel_err_vs_float64": rel_exact,
@@ -961,6 +977,15 @@ def findings(result: dict[str, Any]) -> list[str]:
             out.append(
                 f"{model} Fisher: speed-up {r['speedup']:.2f}x, below the {r['target_speedup']:g}x target; "
                 f"same Fisher: {r['allclose']}."
+            )
+        compiled = (r.get("speedup_by_path") or {}).get("hooks-compiled")
+        if compiled is not None:
+            out.append(
+                f"{model} Fisher with compile=True: speed-up {compiled:.2f}x "
+                f"(target >= {r['target_speedup']:g}x: {_yes(compiled >= r['target_speedup'])}), "
+                f"{r['median_s']['hooks-compiled']:.2f} s a call after a first call (2 samples, compiling the kernel "
+                f"unless a cache of this process or on disk has it) of {r['first_call_s']['hooks-compiled']:.1f} s; "
+                f"max rel. error against the loop in float64 {r['max_rel_err_vs_float64']['hooks-compiled']:.1e}."
             )
         errors = r.get("max_rel_err_vs_float64")
         if errors:
@@ -1166,6 +1191,10 @@ def render_markdown(result: dict[str, Any]) -> str:
         for model, r in fisher.items():
             reps = ", ".join(f"{k} {min(v):.2f}-{max(v):.2f} s" for k, v in r["s_per_repeat"].items())
             line = f"{model}: repetitions {reps}"
+            if r.get("speedup_by_path"):  # results written before every path's speed-up was kept have none
+                line += "; speed-up of each path: " + ", ".join(
+                    f"{k} {v:.2f}x" for k, v in r["speedup_by_path"].items()
+                )
             if r.get("minor_page_faults_per_repeat"):  # results written before the faults were counted have none
                 pf = ", ".join(f"{k} {_median(v):.0f}" for k, v in r["minor_page_faults_per_repeat"].items())
                 line += f"; minor page faults per call (median): {pf}"
@@ -1177,7 +1206,8 @@ def render_markdown(result: dict[str, Any]) -> str:
             "in parts split at the outputs of blocks that every earlier layer reaches the logits through, "
             "per-sample squares from layer inputs and output gradients, each part's before the next part runs; "
             "'samples': vmap over the samples of the batch; 'classes': one forward pass per sample, vmap "
-            "over its classes; 'auto' picks 'hooks'. The loop runs once more in float64 (untimed) as the exact "
+            "over its classes; 'auto' picks 'hooks'; 'hooks-compiled': 'hooks' with compile=True (the position-pair "
+            "products by one compiled loop). The loop runs once more in float64 (untimed) as the exact "
             "value: both float32 results are measured against it.",
             "",
         ]
@@ -1287,7 +1317,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fisher_samples", type=int)
     parser.add_argument("--fisher_classes", type=int)
     parser.add_argument("--fisher_repeats", type=int)
-    parser.add_argument("--fisher_paths", nargs="+", choices=("hooks", "classes", "samples"), help="vectorize paths")
+    parser.add_argument(
+        "--fisher_paths",
+        nargs="+",
+        choices=tuple(FISHER_PATHS),
+        help="vectorize paths ('hooks-compiled': vectorize='hooks' with compile=True)",
+    )
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, help="subset of sections (step includes memory)")
     parser.add_argument("--note", action="append", default=[], help="a note for the report (repeatable)")
     parser.add_argument(

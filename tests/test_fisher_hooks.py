@@ -298,18 +298,18 @@ def _top_two(i: int, probs: torch.Tensor):
     return list(zip(top_idx.tolist(), top_p / top_p.sum(), strict=True))
 
 
-@pytest.mark.parametrize("kernel", [True, False], ids=["weight-kernel", "unfolded"])
+@pytest.mark.parametrize("block", [1, 10**6], ids=["sample-by-sample", "one-chunk"])
 @pytest.mark.parametrize("branch", ["materialize", "pairs"])
 @pytest.mark.parametrize(
     ("top_k", "layout"),
     [(None, torch.contiguous_format), (2, torch.contiguous_format), (None, torch.channels_last)],
     ids=["exact", "weighted-top-2", "channels-last"],
 )
-def test_convolutions_by_every_branch(monkeypatch, kernel, branch, top_k, layout):
-    """The convolution rule by the convolution's own weight-gradient kernel per sample (the CPU default) and by
-    products over the unfolded input, with per-sample gradients formed and by position pairs; with the exact
+def test_convolutions_by_every_branch(monkeypatch, block, branch, top_k, layout):
+    """The convolution rule with per-sample gradients formed (products over the unfolded input of a chunk of
+    samples, all slots stacked: in chunks of one sample and in one chunk) and by position pairs; with the exact
     Fisher's unweighted slots, with top_k's weighted ones, and for a model and input in channels_last."""
-    monkeypatch.setattr(_per_sample, "by_weight_kernel", lambda g: kernel)
+    monkeypatch.setattr(_per_sample, "BLOCK", block)
     monkeypatch.setattr(_per_sample, "_MATERIALIZE_PASSES", -(10**6) if branch == "materialize" else 10**6)
     torch.manual_seed(0)
     net = Convolutions().double().to(memory_format=layout)

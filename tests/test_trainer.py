@@ -354,6 +354,29 @@ def test_fisher_estimated_at_start(tmp_path):
     assert any(float(s["sp_fisher"].max()) > 0 for s in states)
 
 
+def test_sp_compile_estimates_the_fisher_with_the_compiled_pairs(tmp_path, monkeypatch):
+    """sp_compile=True with sp_fisher_batches: estimate_fisher(compile=True), whose kernel gives the pairs."""
+    from hf_sp import _compiled_pairs
+
+    ran = []
+    run = _compiled_pairs.run
+
+    def spy(*args):
+        out = run(*args)
+        ran.append(out is not None)
+        return out
+
+    monkeypatch.setattr(_compiled_pairs, "run", spy)
+    args = make_args(tmp_path, sp_penalty="l2_sp_fisher", sp_fisher_batches=1, sp_alpha=10.0, sp_compile=True)
+    trainer = SPTrainer(model=tiny_vit(), args=args, train_dataset=RandomImages())
+    trainer.train()
+    # check_compiler's call, then the ViT's Linear layers over its tokens
+    assert len(ran) > 1 and all(ran)
+    optimizer = trainer.optimizer.optimizer
+    states = [optimizer.state[trainer.model.get_parameter(n)] for n in trainer.sp_regularizer.split.anchored]
+    assert all("sp_fisher" in s for s in states) and any(float(s["sp_fisher"].max()) > 0 for s in states)
+
+
 def test_hyperparameter_search_anchors_each_trial_on_its_fresh_model(tmp_path):
     pytest.importorskip("optuna")
     seeds = itertools.count(10)

@@ -73,7 +73,9 @@ class PenaltyArguments:
         metadata={
             "help": "Step the anchored tensors with one kernel compiled by torch.compile (one pass over each entry: "
             "about 1x the memory floor on CPU instead of about 2x), for elementwise penalties; the first step "
-            "compiles (seconds to a minute). Needs inductor's compiler (a C++ compiler on CPU, Triton on GPU)."
+            "compiles (seconds to a minute). With sp_fisher_batches, the Fisher estimate's position-pair products "
+            "are compiled too (estimate_fisher(compile=True)). Needs inductor's compiler (a C++ compiler on CPU, "
+            "Triton on GPU)."
         },
     )
     sp_fisher_path: str | None = field(
@@ -226,6 +228,7 @@ class StartingPointPenalty(TransferMethod):
             top_k=self.args.sp_fisher_top_k,
             param_names=ctx.split.anchored,
             progress=ctx.show_progress,
+            compile=self.args.sp_compile,
         )
 
     def configure_optimizer(self, ctx: MethodContext, optimizer: torch.optim.Optimizer) -> None:
