@@ -12,9 +12,10 @@ each a pass over that row's block in memory: on CPU, building ``M`` cost about a
 enters. Here :func:`pair_products` (``M`` and ``X`` together) is compiled once per process into one loop that reads
 each gradient row and writes each entry of ``M`` and ``X`` once, with the slot sum in registers; the matrix product
 stays eager (the BLAS kernel). The weights enter as ``sqrt(w)`` on the gradients beforehand (none for the exact
-Fisher, whose weights are ones): with ``w`` inside, the generated loop ran about half as fast. Sizes are symbolic (``dynamic=True``): one compiled kernel serves every layer and
-chunk of samples; float64, one sample, or one slot compile a variant each. Past the compiler's recompile limit,
-:func:`pair_kernel` gives ``None`` and the products are built eagerly, with a warning.
+Fisher, whose weights are ones): with ``w`` inside, the generated loop ran about half as fast. Sizes are symbolic
+(``dynamic=True``): one compiled kernel serves every layer and chunk of samples; float64, one sample, or one slot
+compile a variant each. Past the compiler's recompile limit, :func:`run` gives ``None`` and the products are built
+eagerly from then on, with a warning.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from contextlib import ExitStack
 
 import torch
 
-__all__ = ["check_compiler", "pair_kernel", "pair_products"]
+__all__ = ["check_compiler", "pair_kernel", "pair_products", "run"]
 
 logger = logging.getLogger(__name__)
 
