@@ -68,9 +68,9 @@ def run(
     if kernel is None:
         return None
     try:
-        # No __torch_function__ mode (estimate_fisher's for BatchNorm) and no view (detach: no _base) enters the
-        # kernel's guards, which would compile a variant per mode stack and per base tensor.
-        with ExitStack() as modes:
+        # No __torch_function__ mode (estimate_fisher's for BatchNorm), no view (detach: no _base) and no caller's
+        # grad mode enters the kernel's guards, which would compile a variant for each.
+        with ExitStack() as modes, torch.no_grad():
             for _ in range(torch._C._len_torch_function_stack()):
                 modes.enter_context(torch.overrides._pop_mode_temporarily())
             return kernel(*(t.contiguous().detach() for t in (g, x, li, lj)))

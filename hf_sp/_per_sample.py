@@ -120,8 +120,9 @@ def _outer_sq_pairs(x: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> torch.
         products = None
         if compiled:
             scaled = g[:, sl] if unweighted else g[:, sl] * w[:, sl].sqrt()[:, :, None, None, None]
+            # in the inputs' dtype, as the eager products are (under autocast the gradients may be in another)
             products = compiled_pairs.run(
-                scaled.reshape(num_slots, n, length, groups * out_f), x[sl].reshape(n, length, -1), li, lj
+                scaled.to(x.dtype).reshape(num_slots, n, length, groups * out_f), x[sl].reshape(n, length, -1), li, lj
             )
         gram, xx = products if products is not None else _pair_products(x[sl], g[:, sl], w[:, sl], li, lj)
         result.baddbmm_(
@@ -248,8 +249,9 @@ def _conv_formed_sq(
 ) -> torch.Tensor:
     """``sum_{s,b} w[s,b] * G[s,b]^2`` for a convolution, with ``G[s,b] = g[s,b] @ cols[b]^T`` formed per group
     (``inputs`` ``[B, C, H, W]``, one per call; ``flat`` ``[S, B, C_out, L]``, the calls' positions one after the
-    other; ``unfold(i)`` ``[n, Gr * I, L_call]``, ``I = in_f``): a chunk of samples at a time, its input unfolded, by one batched
-    matrix product with every slot's rows stacked, ``[n * Gr, S * O, L] @ [n * Gr, L, I]``, the rows scaled by
+    other; ``unfold(i)`` ``[n, Gr * I, L_call]``, ``I = in_f``): a chunk of samples at a time, its input unfolded,
+    by one batched matrix product with every slot's rows stacked, ``[n * Gr, S * O, L] @ [n * Gr, L, I]``, the rows
+    scaled by
     ``sqrt(w[s,b])`` so that the squares need only be summed. The calls' positions add up in the product, as one
     sample's gradient does. -> ``[Gr, O, I]``.
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import types
 
 import pytest
 import torch
@@ -161,3 +162,36 @@ def test_past_the_recompile_limit_the_pairs_are_built_eagerly(monkeypatch, caplo
     _assert_close(again, fisher)
     assert _compiled_pairs._KERNEL == [None] and len(tries) == 1, "tried once, then eager from then on"
     assert caplog.text.count("compiled too many times") == 1
+
+
+def test_under_autocast_the_pairs_are_built_in_the_inputs_dtype(monkeypatch, calls):
+    """Under autocast the output gradients may come in bfloat16 while the inputs are float32: the compiled
+    pairs are made in the inputs' dtype, as the eager ones, and the Fisher is the eager path's."""
+    monkeypatch.setattr(_per_sample, "_MATERIALIZE_PASSES", 10**6)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16 * 16, 3))
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = estimate_fisher(net, [x], progress=False)
+        compiled = estimate_fisher(net, [x], compile=True, progress=False)
+    assert calls and all(calls)
+    for name, value in eager.items():  # within bfloat16's rounding (eager rounds the first slot's products to it)
+        assert float((compiled[name] - value).abs().max()) <= 2**-8 * float(value.abs().max()), name
+
+
+def test_the_callers_grad_mode_compiles_no_other_variant(monkeypatch):
+    """The kernel runs without grad whatever the caller's mode: the compiler check under no_grad and the
+    estimate's own calls share one compiled variant."""
+    # a code object of its own: the compiler's cache is per code object, and other tests filled pair_products'
+    code = _compiled_pairs.pair_products.__code__.replace()
+    fresh = types.FunctionType(code, _compiled_pairs.pair_products.__globals__, "pair_products")
+    monkeypatch.setattr(_compiled_pairs, "_KERNEL", [torch.compile(fresh, dynamic=True, fullgraph=True)])
+    gen = torch.Generator().manual_seed(0)
+    g, x = torch.randn(3, 4, 5, 6, generator=gen), torch.randn(4, 5, 7, generator=gen)
+    li, lj = (t.clone() for t in torch.triu_indices(5, 5))
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        _compiled_pairs.run(g, x, li, lj)
+    with torch.enable_grad():
+        _compiled_pairs.run(g.requires_grad_(), x, li, lj)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames == 1
