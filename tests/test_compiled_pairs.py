@@ -15,9 +15,8 @@ from hf_sp.fisher import estimate_fisher
 from tests.test_fisher import _assert_close, _exact_slots, _reference_fisher
 
 
-@pytest.fixture
-def calls(monkeypatch) -> list[bool]:
-    """Whether each call of the compiled kernel ran it (``True``) or fell back (``False``)."""
+def spy_on_the_kernel(monkeypatch) -> list[bool]:
+    """Whether each call of the compiled kernel ran it (``True``) or fell back (``False``), from now on."""
     made: list[bool] = []
     run = _compiled_pairs.run
 
@@ -28,6 +27,11 @@ def calls(monkeypatch) -> list[bool]:
 
     monkeypatch.setattr(_compiled_pairs, "run", spy)
     return made
+
+
+@pytest.fixture
+def calls(monkeypatch) -> list[bool]:
+    return spy_on_the_kernel(monkeypatch)
 
 
 def test_pair_products_match_their_formula():

@@ -356,17 +356,9 @@ def test_fisher_estimated_at_start(tmp_path):
 
 def test_sp_compile_estimates_the_fisher_with_the_compiled_pairs(tmp_path, monkeypatch):
     """sp_compile=True with sp_fisher_batches: estimate_fisher(compile=True), whose kernel gives the pairs."""
-    from hf_sp import _compiled_pairs
+    from tests.test_compiled_pairs import spy_on_the_kernel
 
-    ran = []
-    run = _compiled_pairs.run
-
-    def spy(*args):
-        out = run(*args)
-        ran.append(out is not None)
-        return out
-
-    monkeypatch.setattr(_compiled_pairs, "run", spy)
+    ran = spy_on_the_kernel(monkeypatch)
     args = make_args(tmp_path, sp_penalty="l2_sp_fisher", sp_fisher_batches=1, sp_alpha=10.0, sp_compile=True)
     trainer = SPTrainer(model=tiny_vit(), args=args, train_dataset=RandomImages())
     trainer.train()
