@@ -27,7 +27,7 @@ from contextlib import ExitStack
 
 import torch
 
-__all__ = ["check_compiler", "pair_kernel", "pair_products", "run"]
+__all__ = ["check_compiler", "pair_products", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def _compile() -> Callable:
     return torch.compile(pair_products, dynamic=True, fullgraph=True)
 
 
-def pair_kernel() -> Callable | None:
+def _pair_kernel() -> Callable | None:
     """The compiled :func:`pair_products` (compiled at its first call), or ``None`` once it hit the compiler's
     recompile limit (:func:`run` reports that)."""
     with _LOCK:
@@ -64,7 +64,7 @@ def run(
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """:func:`pair_products` by the compiled kernel, on contiguous copies of the tensors where they are not (one
     memory layout, one compiled variant); ``None`` where the kernel is past its recompile limit."""
-    kernel = pair_kernel()
+    kernel = _pair_kernel()
     if kernel is None:
         return None
     try:

@@ -225,6 +225,7 @@ def _conv(m: nn.Conv1d | nn.Conv2d, inputs, grads, w):
             i = F.pad(i, [n for before_after in reversed(padding) for n in before_after])
         padded.append(i if two_d else i.unsqueeze(2))
     flat = _cat_calls([o.reshape(o.shape[0], o.shape[1], c_out, -1) for o in grads], -1)  # [S, B, C, L]
+
     def unfold(i: torch.Tensor) -> torch.Tensor:  # [n, Gr * I, L]
         return F.unfold(i, pair(m.kernel_size), dilation=pair(m.dilation), padding=pad, stride=pair(m.stride))
 
@@ -251,9 +252,8 @@ def _conv_formed_sq(
     (``inputs`` ``[B, C, H, W]``, one per call; ``flat`` ``[S, B, C_out, L]``, the calls' positions one after the
     other; ``unfold(i)`` ``[n, Gr * I, L_call]``, ``I = in_f``): a chunk of samples at a time, its input unfolded,
     by one batched matrix product with every slot's rows stacked, ``[n * Gr, S * O, L] @ [n * Gr, L, I]``, the rows
-    scaled by
-    ``sqrt(w[s,b])`` so that the squares need only be summed. The calls' positions add up in the product, as one
-    sample's gradient does. -> ``[Gr, O, I]``.
+    scaled by ``sqrt(w[s,b])`` so that the squares need only be summed. The calls' positions add up in the product,
+    as one sample's gradient does. -> ``[Gr, O, I]``.
 
     Stacking the slots makes the products as tall as ``S * O`` rows, where one product per slot has ``O`` (and
     the convolution's own weight-gradient kernel, one sample at a time, zero-fills its output and unfolds the

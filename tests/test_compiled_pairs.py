@@ -108,7 +108,7 @@ def test_compiled_fisher_matches_the_loop(monkeypatch, calls):
     assert calls == [True] * 5
 
 
-def test_timm_vit_compiled_matches_eager():
+def test_timm_vit_compiled_matches_eager(calls):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     model = timm.create_model("test_vit", pretrained=False, num_classes=5, img_size=32)
@@ -116,6 +116,7 @@ def test_timm_vit_compiled_matches_eager():
     eager = estimate_fisher(model, [x], progress=False)
     compiled = estimate_fisher(model, [x], progress=False, compile=True)
     _assert_close(compiled, eager, rtol=1e-4)
+    assert len(calls) > 1 and all(calls), "the ViT's Linear layers over its 5 tokens went through the kernel"
 
 
 def test_compile_errors_name_the_argument():
